@@ -1,0 +1,66 @@
+"""Write a directory so that readers see either nothing or the complete result.
+
+Everything is written into a sibling temporary directory, flushed, and renamed into place; a crash
+or an error leaves the previous contents (if any) untouched and no partial output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(
+            f"output directory {out} already exists and is not empty; choose another path or pass --overwrite."
+        )
+    return out
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def tmp_path_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp"
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory to `out`, replacing what was there."""
+    _fsync_tree(tmp)
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary directory; on success it becomes `out`, on error it is removed."""
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(out)
+    if tmp.exists():  # left over by a run that was killed
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, out)

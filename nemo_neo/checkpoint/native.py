@@ -1,0 +1,201 @@
+"""The nemo_neo checkpoint: full (unsharded) tensors with global layer numbers, in safetensors.
+
+Layout of a checkpoint directory:
+    config.json                 the architecture, as a Hugging Face config
+    nemo_neo.json               format version, TP/PP it was saved with, tensor -> file/shape/dtype,
+                                and free-form metadata (training step, stage, ...)
+    weights-ppNNN.safetensors   one file per pipeline stage it was saved from
+    tokenizer files             copied through so exports to HF are complete
+
+Because tensors are stored whole, loading at any TP/PP is a matter of each rank reading its own
+slice (safetensors reads slices without loading the full tensor). Saving gathers TP shards to the
+stage's first rank, which writes that stage's file; global rank 0 writes the index. All writes go
+to a temporary directory that replaces the target only when complete (see `atomic`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from nemo_neo.checkpoint import atomic, sharding
+from nemo_neo.checkpoint.hf_io import CheckpointError, copy_tokenizer_files
+from nemo_neo.checkpoint.hf_mapping import expected_neo_shapes
+from nemo_neo.models.arch import GPTArch, arch_from_hf_config
+
+FORMAT = "nemo_neo-checkpoint"
+VERSION = 1
+INDEX = "nemo_neo.json"
+
+
+def _stage_file(pp_rank: int) -> str:
+    return f"weights-pp{pp_rank:03d}.safetensors"
+
+
+def _write_index(tmp: Path, arch: GPTArch, tensors: dict, tp: int, pp: int, metadata: dict | None) -> None:
+    (tmp / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2, sort_keys=True) + "\n")
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "saved_with": {"tensor_parallel": tp, "pipeline_parallel": pp},
+        "metadata": metadata or {},
+        "tensors": dict(sorted(tensors.items())),
+    }
+    (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+
+
+def _describe(state: dict[str, torch.Tensor], fname: str) -> dict:
+    return {k: {"file": fname, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()}
+
+
+def save_full_state(out, arch: GPTArch, state: dict[str, torch.Tensor], save_tokenizer=None,
+                    metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Single-process save of a complete neo state dict (used by the converter and pruning)."""
+    _check_complete(arch, {k: {"shape": list(v.shape)} for k, v in state.items()}, "state")
+    with atomic.atomic_directory(out, overwrite) as tmp:
+        fname = _stage_file(0)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / fname), metadata={"format": "pt"})
+        _write_index(tmp, arch, _describe(state, fname), 1, 1, metadata)
+        if save_tokenizer is not None:
+            save_tokenizer(tmp)
+    return Path(out)
+
+
+def local_tensors(model: torch.nn.Module, arch: GPTArch) -> dict[str, torch.Tensor]:
+    """This rank's tensors that belong in a checkpoint (no TE extra state, no tied head copy)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("_extra_state") or tensor is None:
+            continue
+        if arch.tie_embeddings and name == "output_layer.weight":
+            continue
+        out[name] = tensor
+    return out
+
+
+def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx, tokenizer_src=None,
+                     metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Collective save from every rank of a (possibly TP/PP-sharded) model."""
+    out = Path(out)
+    tmp = atomic.tmp_path_for(out)
+    if ctx.is_main:
+        atomic.check_output_dir(out, overwrite)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    offset = sharding.layer_offset(arch.num_layers, ctx.pp_rank, ctx.pp_size)
+    full = {}
+    for name, tensor in local_tensors(model, arch).items():
+        if ctx.tp_size > 1 and sharding.tp_split(name) is not None:
+            parts = [torch.empty_like(tensor) for _ in range(ctx.tp_size)]
+            dist.all_gather(parts, tensor.contiguous(), group=ctx.tp_group)
+            tensor = sharding.unshard(name, parts)
+        full[sharding.to_global(name, offset)] = tensor.detach().cpu()
+    writer = ctx.tp_rank == 0 and ctx.dp_rank == 0
+    described = {}
+    if writer:
+        fname = _stage_file(ctx.pp_rank)
+        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / fname), metadata={"format": "pt"})
+        described = _describe(full, fname)
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, described)
+    if ctx.is_main:
+        tensors = {k: v for d in gathered for k, v in d.items()}
+        _check_complete(arch, tensors, "distributed save")
+        _write_index(tmp, arch, tensors, ctx.tp_size, ctx.pp_size, metadata)
+        if tokenizer_src is not None:
+            copy_tokenizer_files(Path(tokenizer_src), tmp)
+        atomic.publish(tmp, out)
+    dist.barrier()
+    return out
+
+
+def read_index(ckpt) -> tuple[GPTArch, dict]:
+    ckpt = Path(ckpt)
+    index_file = ckpt / INDEX
+    if not index_file.is_file():
+        hint = " It looks like a Hugging Face directory: convert it with `tools/convert_checkpoint.py hf-to-neo`." if (ckpt / "config.json").is_file() else ""
+        raise CheckpointError(f"{ckpt} is not a nemo_neo checkpoint (no {INDEX}).{hint}")
+    index = json.loads(index_file.read_text())
+    if index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise CheckpointError(f"{index_file}: unknown format {index.get('format')} v{index.get('version')}.")
+    arch = arch_from_hf_config(json.loads((ckpt / "config.json").read_text()))
+    _check_complete(arch, index["tensors"], str(ckpt))
+    return arch, index
+
+
+def _check_complete(arch: GPTArch, tensors: dict, where: str) -> None:
+    expected = expected_neo_shapes(arch)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    wrong = [f"{k}: {tuple(tensors[k]['shape'])} != {v}" for k, v in expected.items() if k in tensors and tuple(tensors[k]["shape"]) != v]
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
+        if extra:
+            parts.append(f"unexpected tensors (e.g. {extra[:3]})")
+        if wrong:
+            parts.append(f"shapes do not match config.json ({wrong[:3]})")
+        raise CheckpointError(f"{where}: " + "; ".join(parts) + ". The checkpoint does not match its config.")
+
+
+class _Reader:
+    """Opens each safetensors file once and turns read errors into CheckpointError."""
+
+    def __init__(self, ckpt: Path):
+        self.ckpt, self.handles = ckpt, {}
+
+    def slice(self, fname: str, name: str, ranges):
+        try:
+            if fname not in self.handles:
+                self.handles[fname] = safe_open(str(self.ckpt / fname), framework="pt")
+            sl = self.handles[fname].get_slice(name)
+            pieces = []
+            for dim, start, stop in ranges:
+                index = [slice(None)] * len(sl.get_shape())
+                index[dim] = slice(start, stop)
+                pieces.append(sl[tuple(index)])
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {self.ckpt / fname}: missing, truncated or corrupt ({e}).") from None
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+
+def load_full_state(ckpt) -> tuple[GPTArch, dict[str, torch.Tensor], dict]:
+    """Every tensor of a checkpoint, unsharded. Returns (arch, state, index)."""
+    ckpt = Path(ckpt)
+    arch, index = read_index(ckpt)
+    reader = _Reader(ckpt)
+    state = {name: reader.slice(info["file"], name, [(0, 0, info["shape"][0])]) for name, info in index["tensors"].items()}
+    return arch, state, index
+
+
+def load_into_model(ckpt, model: torch.nn.Module, arch: GPTArch, ctx) -> dict:
+    """Fill this rank's (TP/PP-sharded) model from a checkpoint saved at any TP/PP. Returns metadata."""
+    ckpt = Path(ckpt)
+    saved_arch, index = read_index(ckpt)
+    if expected_neo_shapes(saved_arch) != expected_neo_shapes(arch):
+        raise CheckpointError(f"{ckpt} holds a different architecture than the model being loaded.")
+    reader = _Reader(ckpt)
+    offset = sharding.layer_offset(arch.num_layers, ctx.pp_rank, ctx.pp_size)
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name.endswith("_extra_state") or tensor is None:
+                continue
+            source = sharding.to_global(name, offset)
+            if arch.tie_embeddings and name == "output_layer.weight":
+                source = "embedding.word_embeddings.weight"  # last stage's copy of the tied weights
+            info = index["tensors"][source]
+            ranges = sharding.slice_ranges(source, tuple(info["shape"]), ctx.tp_rank, ctx.tp_size)
+            value = reader.slice(info["file"], source, ranges)
+            if value.shape != tensor.shape:
+                raise CheckpointError(f"{source}: slice {tuple(value.shape)} does not fit parameter {tuple(tensor.shape)}.")
+            tensor.copy_(value.to(tensor.dtype))
+    return index["metadata"]

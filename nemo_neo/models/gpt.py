@@ -1,0 +1,119 @@
+"""Build a megatron-core GPTModel (this rank's pipeline stage) from a `GPTArch`.
+
+Layer spec: Transformer Engine's when TE imports (GPU), else megatron-core's local (torch) spec.
+On the local spec the core attention is :class:`nemo_neo.models.attention.SDPAttention`, which
+runs torch's fused scaled_dot_product_attention instead of megatron's unfused bmm-softmax-bmm.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from nemo_neo.models.arch import GPTArch, UnsupportedConfigError
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def check_parallel_fit(arch: GPTArch, tp: int, pp: int) -> None:
+    """Shapes that do not split over TP/PP: one clear error before anything is built."""
+    problems = []
+    if arch.num_query_groups % tp:
+        problems.append(f"num_key_value_heads={arch.num_query_groups} is not divisible by TP={tp}")
+    if arch.num_attention_heads % tp:
+        problems.append(f"num_attention_heads={arch.num_attention_heads} is not divisible by TP={tp}")
+    if arch.ffn_hidden_size % tp:
+        problems.append(f"intermediate_size={arch.ffn_hidden_size} is not divisible by TP={tp}")
+    if arch.vocab_size % tp:
+        problems.append(f"vocab_size={arch.vocab_size} is not divisible by TP={tp}")
+    if arch.num_layers % pp:
+        problems.append(f"num_hidden_layers={arch.num_layers} is not divisible by PP={pp}")
+    if problems:
+        raise UnsupportedConfigError(
+            "model does not fit the parallel layout: " + "; ".join(problems) + ". Choose TP/PP that divide them."
+        )
+
+
+def transformer_config(arch: GPTArch, tp: int = 1, pp: int = 1, dtype=torch.float32, **overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    check_parallel_fit(arch, tp, pp)
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        deallocate_pipeline_outputs=True,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(use_te: bool | None = None):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te is None:
+        use_te = transformer_engine_available()
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    from nemo_neo.models.attention import SDPAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_gpt(arch: GPTArch, config, pre_process: bool = True, post_process: bool = True, use_te=None):
+    """The GPTModel for one pipeline stage (pre_process: has embeddings; post_process: has the head)."""
+    from megatron.core.models.gpt import GPTModel
+
+    rope = arch.rope
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=rope.theta,
+        seq_len_interpolation_factor=rope.factor if rope.rope_type == "linear" else None,
+    )
+    if rope.rope_type == "llama3":
+        rotary = model.rotary_pos_emb
+        rotary.inv_freq = rotary._apply_scaling(
+            rotary.inv_freq,
+            factor=rope.factor,
+            low_freq_factor=rope.low_freq_factor,
+            high_freq_factor=rope.high_freq_factor,
+            original_max_position_embeddings=rope.original_max_position_embeddings,
+        )
+    return model

@@ -1,0 +1,175 @@
+"""Make megatron-core 0.16 run on a CPU-only torch.
+
+megatron-core assumes CUDA in a handful of places (see ../shared/PLATFORM.md): it allocates with
+``device=torch.cuda.current_device()`` or ``device="cuda"``, seeds and forks the model-parallel RNG
+through ``torch.cuda`` RNG calls, and calls ``torch.cuda.synchronize()`` around p2p sends.
+
+Rather than patch global ``torch`` (which would change behaviour for every library in the process),
+each affected megatron module gets its own ``torch`` global replaced by :data:`CPU_TORCH`, a proxy
+that forwards everything to the real torch except:
+
+* ``torch.cuda`` -> :class:`_CudaOnCpu`: ``current_device()`` is the CPU device, ``synchronize`` is a
+  no-op and the RNG functions act on the CPU generator (the model-parallel RNG tracker then forks
+  CPU RNG states, which is what dropout on CPU draws from);
+* tensor factories (``zeros``, ``empty``, ``tensor``, ...) map ``device="cuda"`` to the CPU.
+
+This is the only place in nemo_neo that works around CUDA. It is applied by
+:func:`activate_if_needed`, which does nothing when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+
+import torch
+
+# megatron-core modules whose module-level ``torch`` is redirected, and why.
+_PATCHED_MODULES = (
+    "megatron.core.utils",  # GlobalMemoryBuffer allocates on torch.cuda.current_device()
+    "megatron.core.parallel_state",  # synchronize() around group creation
+    "megatron.core.tensor_parallel.layers",  # weight/buffer allocation on the current CUDA device
+    "megatron.core.tensor_parallel.mappings",  # gather buffers on the current CUDA device
+    "megatron.core.tensor_parallel.random",  # CUDA RNG tracker and seeding
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",  # inv_freq on CUDA
+    "megatron.core.models.gpt.gpt_model",  # MTP / loss buffers on CUDA
+    "megatron.core.pipeline_parallel.p2p_communication",  # shape buffers + synchronize()
+    "megatron.core.pipeline_parallel.schedules",  # literal device="cuda" token counters
+    "megatron.core.distributed.param_and_grad_buffer",  # grad buffers on the current CUDA device
+    "megatron.core.distributed.distributed_data_parallel",  # synchronize / empty_cache
+    "megatron.core.distributed.finalize_model_grads",  # reduction buffers
+    "megatron.core.optimizer.clip_grads",  # norm accumulators on CUDA
+    "megatron.core.optimizer.optimizer",  # found-inf / loss-scale buffers on CUDA
+    "megatron.core.optimizer.distrib_optimizer",  # shard buffers on CUDA
+)
+
+_CPU = torch.device("cpu")
+
+
+def _to_cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or str(device).startswith("cuda"):
+        return _CPU
+    return device
+
+
+class _CudaOnCpu(types.SimpleNamespace):
+    """Stands in for ``torch.cuda`` inside megatron-core modules when CUDA is absent."""
+
+    def __getattr__(self, name):  # anything not overridden below behaves as real torch.cuda
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return _CPU
+
+    @staticmethod
+    def is_available():
+        return False
+
+    @staticmethod
+    def synchronize(*_args, **_kwargs):
+        return None
+
+    @staticmethod
+    def empty_cache():
+        return None
+
+    @staticmethod
+    def manual_seed(seed):
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def get_rng_state(*_args, **_kwargs):
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(state, *_args, **_kwargs):
+        torch.set_rng_state(state)
+
+    @staticmethod
+    def current_stream(*_args, **_kwargs):
+        return None
+
+    @staticmethod
+    def stream(_stream):
+        return contextlib.nullcontext()
+
+
+def _device_mapping_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _TorchOnCpu(types.ModuleType):
+    """A ``torch`` look-alike: real torch, except ``cuda`` and device-mapping tensor factories."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaOnCpu()
+        for name in ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "empty_like"):
+            setattr(self, name, _device_mapping_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+CPU_TORCH = _TorchOnCpu()
+_active = False
+
+
+def _tensor_cuda_is_identity(fn):
+    """Run ``fn`` with ``Tensor.cuda()`` returning the tensor itself (only LanguageModule needs it)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+
+    return wrapper
+
+
+def activate_if_needed() -> bool:
+    """Redirect megatron-core's CUDA assumptions to the CPU when CUDA is absent. Idempotent.
+
+    Returns True when the CPU layer is active.
+    """
+    global _active
+    if torch.cuda.is_available():
+        return False
+    if _active:
+        return True
+    for name in _PATCHED_MODULES:
+        module = importlib.import_module(name)
+        module.torch = CPU_TORCH
+    # The RNG tracker reads and writes generator state through these two helpers.
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda *_a, **_k: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *_a, **_k: torch.set_rng_state(state)
+    # Tied embeddings under pipeline parallelism: the last stage's copy is moved with .cuda().
+    from megatron.core.models.common.language_module import language_module
+
+    cls = language_module.LanguageModule
+    cls.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
+        cls.setup_embeddings_and_output_layer
+    )
+    _active = True
+    return True
+
+
+def is_active() -> bool:
+    return _active

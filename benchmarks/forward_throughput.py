@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Forward tokens/s of the native megatron-core model vs transformers' LlamaForCausalLM.
+
+Same weights (the real SmolLM2-135M teacher), fp32, batch 4 x 512 by default, no grad. The two
+models are timed in alternation (ABAB...) in one process so that machine noise hits both alike;
+the figure of merit is the ratio native / transformers (goal >= 0.9). Also times the one-time
+GGUF -> nemo_neo conversion when --conversion is given.
+
+    python benchmarks/forward_throughput.py [--batch 4 --seq 512 --repeats 5 --conversion]
+"""
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--conversion", action="store_true", help="also time GGUF -> nemo_neo conversion")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    args = p.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from nemo_neo.checkpoint.convert import convert_hf_to_neo, convert_neo_to_hf
+    from nemo_neo.models.default_teacher import default_teacher_checkpoint, gguf_path
+    from nemo_neo.models.load import load_model
+    from nemo_neo.parallel import initialize
+
+    result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}", "device": "cuda" if torch.cuda.is_available() else "cpu",
+              "batch": args.batch, "seq": args.seq, "dtype": "float32"}
+    if args.conversion:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["gguf_to_neo_seconds"] = convert_hf_to_neo(gguf_path(), Path(tmp) / "neo")["seconds"]
+            result["neo_to_hf_seconds"] = convert_neo_to_hf(Path(tmp) / "neo", Path(tmp) / "hf")["seconds"]
+    ckpt = default_teacher_checkpoint()
+    ctx = initialize()
+    native, _, _ = load_model(ckpt, ctx)
+    with tempfile.TemporaryDirectory() as tmp:
+        convert_neo_to_hf(ckpt, Path(tmp) / "hf")
+        hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32)
+    native.eval(), hf.eval()
+    ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(ctx.device)
+    runners = {
+        "native": lambda: native(ids, position_ids=None, attention_mask=None),
+        "transformers": lambda: hf(ids, use_cache=False).logits,
+    }
+    times = {k: [] for k in runners}
+    with torch.no_grad():
+        for fn in runners.values():  # warm-up
+            fn()
+        for _ in range(args.repeats):
+            for name, fn in runners.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    tokens = args.batch * args.seq
+    for name, ts in times.items():
+        best = sorted(ts)[len(ts) // 2]  # median
+        result[f"{name}_tokens_per_s"] = round(tokens / best, 1)
+    result["ratio_native_over_transformers"] = round(result["native_tokens_per_s"] / result["transformers_tokens_per_s"], 3)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Real public data beside the checkout (../shared/data, see its SOURCES.md); override for other layouts.
+SHARED_DATA = Path(os.environ.get("NEMO_NEO_SHARED_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO))
 
 # Random configs that differ from SmolLM2 in the ways the converter must handle.
@@ -37,6 +38,21 @@ RANDOM_CONFIGS = {
         model_type="qwen2", vocab_size=112, hidden_size=60, intermediate_size=90, num_hidden_layers=2,
         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
         use_sliding_window=False, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
+    ),
+    # A student for the llama3 model above: same vocabulary, other depth and width
+    "student_of_llama3": dict(
+        model_type="llama", vocab_size=130, hidden_size=40, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=10, max_position_embeddings=256,
+        tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    ),
+    # Tiny models on SmolLM2's vocabulary, so its real tokenizer feeds them (training-loop tests)
+    "tiny_teacher_smol_vocab": dict(
+        model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+    ),
+    "tiny_student_smol_vocab": dict(
+        model_type="llama", vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
     ),
 }
 

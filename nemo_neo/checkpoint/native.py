@@ -93,9 +93,19 @@ def gather_stage_tensors(local: dict[str, torch.Tensor], arch: GPTArch, ctx) -> 
     return full
 
 
+RANK_STATE_DIR = "train_state"
+
+
+def rank_state_file(ckpt, rank: int) -> Path:
+    return Path(ckpt) / RANK_STATE_DIR / f"rank{rank:05d}.pt"
+
+
 def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx, tokenizer_src=None,
-                     metadata: dict | None = None, overwrite: bool = False) -> Path:
-    """Collective save from every rank of a (possibly TP/PP-sharded) model."""
+                     metadata: dict | None = None, overwrite: bool = False, rank_state: dict | None = None) -> Path:
+    """Collective save from every rank of a (possibly TP/PP-sharded) model.
+
+    `rank_state` (optimizer, scheduler, data position, RNG) is this rank's training state; each rank
+    writes its own file into the same checkpoint, which only appears once every rank has written."""
     out = Path(out)
     tmp = atomic.tmp_path_for(out)
     if ctx.is_main:
@@ -111,6 +121,9 @@ def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx, tokenizer_
         fname = _stage_file(ctx.pp_rank)
         save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / fname), metadata={"format": "pt"})
         described = _describe(full, fname)
+    if rank_state is not None:
+        rank_state_file(tmp, ctx.rank).parent.mkdir(exist_ok=True)
+        torch.save(rank_state, rank_state_file(tmp, ctx.rank))
     gathered = [None] * ctx.world_size
     dist.all_gather_object(gathered, described)
     if ctx.is_main:

@@ -1,5 +1,16 @@
-"""Text data: real corpora, tokenization and packing to fixed-length sequences."""
+"""Text data: real corpora, tokenization and packing to fixed-length sequences, DP batch sampling."""
 
+from nemo_neo.data.dataset import DistributedBatchSampler, collate, load_token_rows, read_documents, split_documents
 from nemo_neo.data.text import default_corpus, pack_tokens, read_text, split_train_valid
 
-__all__ = ["default_corpus", "pack_tokens", "read_text", "split_train_valid"]
+__all__ = [
+    "DistributedBatchSampler",
+    "collate",
+    "default_corpus",
+    "load_token_rows",
+    "pack_tokens",
+    "read_documents",
+    "read_text",
+    "split_documents",
+    "split_train_valid",
+]

@@ -35,16 +35,17 @@ def read_text(paths) -> str:
     return "\n\n".join(parts)
 
 
-def pack_tokens(token_ids: list[int], seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
-    """Cut one token stream into [n, seq_len + 1] rows (inputs are row[:-1], labels row[1:]).
-    The tail that does not fill a row is dropped."""
+def pack_tokens(token_ids, seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
+    """Cut one token stream (list of ints or 1-D tensor) into int64 [n, seq_len + 1] rows (inputs
+    are row[:-1], labels row[1:]); row i is tokens [i * seq_len, (i + 1) * seq_len], so consecutive
+    rows share one boundary token. The tail that does not fill a row is dropped."""
     n = (len(token_ids) - 1) // seq_len
     if max_sequences is not None:
         n = min(n, max_sequences)
-    if n == 0:
+    if n <= 0:
         raise ValueError(f"text has {len(token_ids)} tokens, fewer than one sequence of {seq_len + 1}")
-    ids = torch.tensor(token_ids[: n * seq_len + 1], dtype=torch.long)
-    return torch.stack([ids[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)])
+    ids = torch.as_tensor(token_ids[: n * seq_len + 1], dtype=torch.long)
+    return ids.unfold(0, seq_len + 1, seq_len).contiguous()
 
 
 def split_train_valid(text: str, valid_fraction: float = 0.1) -> tuple[str, str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from nemo_neo.parallel.reduce import sum_from_last_stage
 from nemo_neo.train.schedule import run_microbatches
 
 
@@ -31,12 +31,6 @@ def validation_loss(model, ctx, sequences: torch.Tensor, micro_batch_size: int =
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not show, dynamic_ncols=True):
         for report in run_microbatches(model, [batch], sum_loss, forward_only=True, pass_labels=True):
             total += torch.stack([report["sum"].cpu(), report["count"]])
-    # Only the last stage has losses; DP ranks hold disjoint rows: one all-reduce over everything.
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        total = total.to(ctx.device)
-        if ctx.tp_rank != 0:
-            total.zero_()  # TP ranks hold the same (vocab-reduced) loss; count it once
-        dist.all_reduce(total)
-        total = total.cpu()
+    total = sum_from_last_stage(total, ctx)
     loss = (total[0] / total[1]).item()
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(total[1].item())}

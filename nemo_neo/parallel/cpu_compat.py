@@ -142,6 +142,18 @@ def _tensor_cuda_is_identity(fn):
     return wrapper
 
 
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's clip_grad_by_total_norm_fp32 minus its `grad.type() == 'torch.cuda.FloatTensor'`
+    assertion: scale every grad by max_norm / total_norm when that is < 1 (same maths)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
 def activate_if_needed() -> bool:
     """Redirect megatron-core's CUDA assumptions to the CPU when CUDA is absent. Idempotent.
 
@@ -160,6 +172,11 @@ def activate_if_needed() -> bool:
 
     mcore_random._get_cuda_rng_state = lambda *_a, **_k: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *_a, **_k: torch.set_rng_state(state)
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     # Tied embeddings under pipeline parallelism: the last stage's copy is moved with .cuda().
     from megatron.core.models.common.language_module import language_module
 

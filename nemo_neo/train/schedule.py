@@ -34,6 +34,7 @@ def run_microbatches(
     loss_fn: Callable,
     forward_only: bool = False,
     pass_labels: bool = False,
+    adjust_tensor_shapes_fn: Callable | None = None,
 ) -> list[dict]:
     """Forward (and backward unless `forward_only`) every micro-batch through the pipeline."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -61,5 +62,6 @@ def run_microbatches(
         seq_length=seq_len,
         micro_batch_size=batch_size,
         forward_only=forward_only,
+        **({"adjust_tensor_shapes_fn": adjust_tensor_shapes_fn} if adjust_tensor_shapes_fn and config.pipeline_model_parallel_size > 1 else {}),
     )
 

@@ -1,0 +1,393 @@
+"""Training data: text sources -> held-out split -> packed token rows -> per-DP-rank micro-batches.
+
+* `load_token_rows` reads .txt / .jsonl / Hugging Face `save_to_disk` sources (or the offline
+  default corpus), splits each source's text into train and validation BEFORE tokenization (so the
+  validation tokens are never trained on), tokenizes each split with EOS between documents and
+  packs it to `[n, seq_length + 1]` int64 rows (`pack_tokens`). Tokenized rows can be cached.
+* `DistributedBatchSampler` turns a number of rows into the micro-batches (row indices) that one
+  data-parallel rank processes at each optimizer step: deterministic per-epoch shuffles, disjoint
+  rows across DP ranks, and a `state_dict` (steps consumed) so that a resumed run sees exactly the
+  batches it would have seen without the interruption.
+* `collate` makes the model inputs of a micro-batch of rows.
+
+Documents and the split
+-----------------------
+A .txt file is one document; every line of a .jsonl file (its "text" field) and every row of a
+Hugging Face dataset (its "text" column) is one document; an empty `sources` list means the default
+corpus (`default_corpus()`, one document). Within each source the last `valid_fraction` of the
+characters is held out: the cut is moved forward to the next paragraph boundary ("\\n\\n") of the
+document it falls in; with several documents and no paragraph boundary after the cut, the cut moves
+to the next document boundary instead. For a single document this is exactly `split_train_valid`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from nemo_neo.data.text import default_corpus, pack_tokens
+
+CACHE_FORMAT = 1
+_HF_DATASET_MARKERS = ("dataset_info.json", "state.json")
+_TOKENIZE_BATCH = 512  # documents per tokenizer call
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading sources
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_hf_dataset_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in _HF_DATASET_MARKERS)
+
+
+def _check_source(path: Path) -> None:
+    if path.is_file() or _is_hf_dataset_dir(path):
+        return
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise ValueError(
+            f"{path} is a Hugging Face DatasetDict with splits {splits}; pass one split's directory "
+            f"(e.g. {path / (splits[0] if splits else 'train')}) as a data source."
+        )
+    what = "is a directory without dataset_info.json/state.json" if path.is_dir() else "does not exist"
+    raise FileNotFoundError(
+        f"data source {path} {what}. Pass existing .txt files, .jsonl files with a \"text\" field, "
+        "or directories written by datasets' Dataset.save_to_disk (or no sources for the built-in "
+        "default corpus)."
+    )
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg}).") from None
+            if not isinstance(record, dict) or "text" not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(
+                    f'{path}:{line_no} has no "text" field (found {keys}); every JSON line must be an '
+                    'object with the document in "text".'
+                )
+            docs.append(record["text"])
+    return docs
+
+
+def _read_hf_dataset(path: Path) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"{path} is a Hugging Face dataset directory (save_to_disk format); reading it needs the "
+            "`datasets` package: pip install datasets (or export the text to .txt/.jsonl)."
+        ) from None
+    dataset = datasets.load_from_disk(str(path))
+    columns = list(getattr(dataset, "column_names", []) or [])
+    if "text" not in columns:
+        raise ValueError(f'Hugging Face dataset {path} has no "text" column (columns: {columns}).')
+    return list(dataset["text"])
+
+
+def read_documents(source) -> list[str]:
+    """The non-empty documents of one source (.txt file, .jsonl file, or HF dataset directory)."""
+    path = Path(source)
+    _check_source(path)
+    if path.is_dir():
+        docs = _read_hf_dataset(path)
+    elif path.suffix == ".jsonl":
+        docs = _read_jsonl(path)
+    else:
+        docs = [path.read_text(encoding="utf-8")]
+    return [d for d in docs if d]
+
+
+def split_documents(docs: Sequence[str], valid_fraction: float) -> tuple[list[str], list[str]]:
+    """Hold out the last `valid_fraction` of the characters of `docs` (see the module docstring)."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}.")
+    if valid_fraction == 0.0:
+        return list(docs), []
+    cut = int(sum(map(len, docs)) * (1 - valid_fraction))
+    train, valid, pos = [], [], 0
+    for doc in docs:
+        end = pos + len(doc)
+        if end <= cut:
+            train.append(doc)
+        elif pos >= cut:
+            valid.append(doc)
+        else:  # the cut falls inside this document
+            local = cut - pos
+            boundary = doc.find("\n\n", local)
+            if boundary == -1 and len(docs) > 1:
+                valid.append(doc)
+            else:
+                local = boundary if boundary != -1 else local
+                train.append(doc[:local])
+                valid.append(doc[local:])
+        pos = end
+    return [d for d in train if d], [d for d in valid if d]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization and packing
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenize_documents(docs: Sequence[str], tokenizer) -> torch.Tensor:
+    """One int64 token stream: the documents' tokens with the tokenizer's EOS between documents
+    (none added where the tokenizer has no EOS or already ended the document with it)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pieces: list[torch.Tensor] = []
+    for start in range(0, len(docs), _TOKENIZE_BATCH):
+        batch = list(docs[start : start + _TOKENIZE_BATCH])
+        # verbose=False: documents are longer than the model's max length by design (we pack them)
+        for ids in tokenizer(batch, verbose=False)["input_ids"]:
+            if pieces and eos is not None and not (len(pieces[-1]) and pieces[-1][-1] == eos):
+                pieces.append(torch.tensor([eos], dtype=torch.long))
+            pieces.append(torch.tensor(ids, dtype=torch.long))
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+
+
+def _pack(stream: torch.Tensor, seq_length: int, split: str, sources_desc: str) -> torch.Tensor:
+    if len(stream) < seq_length + 1:
+        raise ValueError(
+            f"the {split} split of {sources_desc} has {len(stream)} tokens, fewer than one row of "
+            f"seq_length + 1 = {seq_length + 1}: pass more text, a smaller seq_length"
+            + (" or a larger valid_fraction." if split == "validation" else ".")
+        )
+    return pack_tokens(stream, seq_length)
+
+
+def _file_fingerprint(path: Path) -> list:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f.relative_to(path)) if path.is_dir() else "", st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _tokenizer_fingerprint(tokenizer) -> dict:
+    info = {
+        "class": type(tokenizer).__name__,
+        "name": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab_size": len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None),
+        "eos": getattr(tokenizer, "eos_token_id", None),
+        "bos": getattr(tokenizer, "bos_token_id", None),
+    }
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers: the full definition
+    if backend is not None:
+        info["definition_sha1"] = hashlib.sha1(backend.to_str().encode()).hexdigest()
+    return info
+
+
+def _cache_key(paths: list[Path], tokenizer, seq_length: int, valid_fraction: float) -> str:
+    if paths:
+        sources = [[str(p.resolve()), _file_fingerprint(p)] for p in paths]
+    else:
+        sources = [["default_corpus", sys.version, hashlib.sha1(default_corpus().encode()).hexdigest()]]
+    material = {
+        "format": CACHE_FORMAT,
+        "sources": sources,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "seq_length": seq_length,
+        "valid_fraction": valid_fraction,
+    }
+    return hashlib.sha1(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_token_rows(
+    sources: Sequence[str | os.PathLike],
+    tokenizer,
+    seq_length: int,
+    valid_fraction: float = 0.1,
+    max_train: int | None = None,
+    max_valid: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and validation rows, int64 `[n, seq_length + 1]` (inputs row[:-1], labels row[1:]).
+
+    sources: .txt files, .jsonl files with a "text" field, Hugging Face `save_to_disk` dataset
+        directories ("text" column; needs the `datasets` package); [] = `default_corpus()`.
+    tokenizer: a Hugging Face tokenizer (called on lists of documents; `eos_token_id` separates them).
+    valid_fraction: share of each source's characters held out (0 = no validation rows, an empty
+        `[0, seq_length + 1]` tensor).
+    max_train / max_valid: keep at most this many rows (the first ones); None = all.
+    cache_dir: if given, the tokenized rows are stored there (`rows-<key>.pt`) and reused; the key
+        hashes the sources' resolved paths, sizes and mtimes, the tokenizer (name, vocab size, and
+        definition for fast tokenizers), seq_length and valid_fraction.
+    """
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be >= 1, got {seq_length}.")
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}.")
+    paths = [Path(s) for s in sources]
+    for path in paths:
+        _check_source(path)
+
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"rows-{_cache_key(paths, tokenizer, seq_length, valid_fraction)}.pt"
+    if cache_file is not None and cache_file.is_file():
+        cached = torch.load(cache_file, weights_only=True)
+        train, valid = cached["train"], cached["valid"]
+    else:
+        train_docs, valid_docs = [], []
+        for docs in ([read_documents(p) for p in paths] if paths else [[default_corpus()]]):
+            t, v = split_documents(docs, valid_fraction)
+            train_docs += t
+            valid_docs += v
+        desc = ", ".join(map(str, paths)) if paths else "the default corpus"
+        train = _pack(tokenize_documents(train_docs, tokenizer), seq_length, "training", desc)
+        if valid_fraction > 0:
+            valid = _pack(tokenize_documents(valid_docs, tokenizer), seq_length, "validation", desc)
+        else:
+            valid = torch.empty(0, seq_length + 1, dtype=torch.long)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
+            torch.save({"train": train, "valid": valid}, tmp)
+            os.replace(tmp, cache_file)  # atomic: a concurrent reader never sees a partial file
+    if max_train is not None:
+        train = train[:max_train]
+    if max_valid is not None:
+        valid = valid[:max_valid]
+    return train, valid
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------------
+
+
+class DistributedBatchSampler:
+    """Row indices of the micro-batches one data-parallel rank processes, one optimizer step at a time.
+
+    A global batch is `global_batch_size = micro_batch_size * num_microbatches * dp_size` rows.
+    Epoch e visits the rows in the order `torch.randperm(num_rows, generator=manual_seed(seed + e))`
+    in `steps_per_epoch = num_rows // global_batch_size` global batches; the last
+    `num_rows % global_batch_size` rows of that order are skipped in that epoch only (the next
+    epoch reshuffles), so no global batch holds a row twice. Global batch k of an epoch is
+    `order[k * G : (k + 1) * G]`, viewed as `[num_microbatches, dp_size, micro_batch_size]`: micro-batch
+    m of DP rank r is `[m, r, :]` -- the DP ranks' rows are disjoint. Iteration is endless (epochs
+    follow one another); each yielded step is a list of `num_microbatches` LongTensors
+    `[micro_batch_size]`.
+
+    `state_dict()` holds the number of steps consumed (yielded) so far; a new sampler that loads it
+    continues with exactly the batches the original would have produced next. The DP layout
+    (dp_rank, dp_size, micro_batch_size) may change across a resume; the rows of each global
+    batch do not.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+    ):
+        for name, value in (("global_batch_size", global_batch_size), ("micro_batch_size", micro_batch_size),
+                            ("dp_size", dp_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}.")
+        per_microbatch = micro_batch_size * dp_size
+        if global_batch_size % per_microbatch:
+            lower = global_batch_size // per_microbatch * per_microbatch
+            hint = f"{lower} or {lower + per_microbatch}" if lower else f"{per_microbatch}"
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * dp_size "
+                f"= {micro_batch_size} * {dp_size} = {per_microbatch}: choose a global batch size that "
+                f"is a multiple of {per_microbatch} (e.g. {hint}) or change micro_batch_size."
+            )
+        if num_rows < global_batch_size:
+            raise ValueError(
+                f"only {num_rows} rows of data, fewer than one global batch of global_batch_size="
+                f"{global_batch_size} rows: pass more text (or a smaller seq_length, which gives more "
+                "rows), or lower global_batch_size."
+            )
+        self.num_rows = num_rows
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.num_microbatches = global_batch_size // per_microbatch
+        self.steps_per_epoch = num_rows // global_batch_size
+        self.consumed_steps = 0
+        self._order_epoch, self._order = None, None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next step."""
+        return self.consumed_steps // self.steps_per_epoch
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._order_epoch != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._order, self._order_epoch = torch.randperm(self.num_rows, generator=generator), epoch
+        return self._order
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        """All row indices of global batch `step` (0-based, counted across epochs), `[G]`."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        g = self.global_batch_size
+        return self._epoch_order(epoch)[k * g : (k + 1) * g]
+
+    def step_micro_batches(self, step: int) -> list[torch.Tensor]:
+        """This DP rank's micro-batches (row indices) of global batch `step`."""
+        grid = self.global_batch(step).view(self.num_microbatches, self.dp_size, self.micro_batch_size)
+        return [grid[m, self.dp_rank].clone() for m in range(self.num_microbatches)]
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        while True:
+            batches = self.step_micro_batches(self.consumed_steps)
+            self.consumed_steps += 1
+            yield batches
+
+    def state_dict(self) -> dict:
+        return {
+            "consumed_steps": self.consumed_steps,
+            "num_rows": self.num_rows,
+            "global_batch_size": self.global_batch_size,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mismatched = [
+            f"{k}: saved {state[k]}, now {getattr(self, k)}"
+            for k in ("num_rows", "global_batch_size", "seed")
+            if k in state and state[k] != getattr(self, k)
+        ]
+        if mismatched:
+            raise ValueError(
+                "cannot resume the data order: the sampler was saved with different settings ("
+                + "; ".join(mismatched)
+                + "). Resume with the same data, seq_length, global_batch_size and seed."
+            )
+        self.consumed_steps = int(state["consumed_steps"])
+
+
+def collate(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model inputs of packed rows `[n, s + 1]`: input_ids `[n, s]`, labels (shifted by one), and
+    a float loss_mask of ones (every position of a packed row is a real token)."""
+    input_ids = rows[:, :-1].contiguous()
+    return {
+        "input_ids": input_ids,
+        "labels": rows[:, 1:].contiguous(),
+        "loss_mask": torch.ones(input_ids.shape, dtype=torch.float32),
+    }

@@ -1,0 +1,40 @@
+"""Logit distillation of a student checkpoint from a frozen teacher checkpoint (one recipe stage)."""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_neo.checkpoint.native import read_index
+from nemo_neo.distill.losses import KDLossConfig
+from nemo_neo.distill.model import DistillationPair, check_teacher_compatible
+from nemo_neo.distill.objective import distillation_metrics, kd_loss_fn
+from nemo_neo.models.load import load_model
+from nemo_neo.train.loop import TrainConfig, Trainer
+
+
+def build_pair(ctx, student_ckpt, teacher_ckpt, dtype=torch.float32, teacher_dtype=None):
+    student_arch, _ = read_index(student_ckpt)
+    teacher_arch, _ = read_index(teacher_ckpt)
+    check_teacher_compatible(student_arch, teacher_arch, student_ckpt, teacher_ckpt)  # before any compute
+    student, _, _ = load_model(student_ckpt, ctx, dtype)
+    teacher, _, _ = load_model(teacher_ckpt, ctx, teacher_dtype or dtype)
+    return DistillationPair(student, teacher), student_arch
+
+
+def distill(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: TrainConfig, run_dir,
+            loss_cfg: KDLossConfig | None = None, eval_micro_batch_size: int = 4) -> dict:
+    """Train the student on KD(teacher) over `train_rows`; checkpoints (student only) and logs in run_dir."""
+    loss_cfg = loss_cfg or KDLossConfig(kind="forward_kl")
+    pair, student_arch = build_pair(ctx, student_ckpt, teacher_ckpt)
+    tp_group = ctx.tp_group if ctx.tp_size > 1 else None
+
+    def evaluate(_model):
+        return distillation_metrics(pair, ctx, valid_rows, eval_micro_batch_size, tp_group)
+
+    before = evaluate(pair)
+    trainer = Trainer(ctx, pair, student_arch, kd_loss_fn(loss_cfg, tp_group), train_rows, train_cfg, run_dir,
+                      name="distill", evaluate=evaluate, tokenizer_src=student_ckpt, checkpoint_module=pair.student,
+                      adjust_tensor_shapes_fn=pair.pair_tensor_shapes)
+    result = trainer.fit()
+    result["before"] = before
+    return result

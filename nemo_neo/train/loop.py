@@ -1,0 +1,151 @@
+"""The training loop every stage uses (distillation, teacher correction, fine-tuning).
+
+One optimizer step = one global batch: each data-parallel rank runs its micro-batches through the
+(pipelined) model with megatron-core's schedule, gradients are reduced (DP, tied embeddings) and
+scaled to a mean over all counted tokens of the global batch, clipped by the global norm, and
+AdamW steps under a cosine schedule. Progress bar (loss, tokens/s, ETA), TensorBoard scalars,
+periodic validation and checkpoints; a rerun resumes from the latest checkpoint with identical data
+order and RNG; a non-finite loss stops the run before anything is saved over the last good
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from nemo_neo.parallel.reduce import sum_from_last_stage
+from nemo_neo.train import state as ckpt_state
+from nemo_neo.train.optim import OptimConfig, build_optimizer, current_lr
+from nemo_neo.train.schedule import run_microbatches, wrap_ddp
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    save_every: int = 50
+    eval_every: int = 25
+    seed: int = 1234
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Train `model` (this rank's stage: a GPT stage or a DistillationPair) on packed token rows.
+
+    loss_fn(output, batch) -> (loss_sum, num_tokens:int tensor, report) on the last stage; the
+    gradient is that of sum(loss_sum) / sum(num_tokens) over the global batch.
+    evaluate(model) -> dict of validation metrics (every rank calls it).
+    """
+
+    def __init__(self, ctx, model, arch, loss_fn: Callable, train_rows: torch.Tensor, cfg: TrainConfig,
+                 run_dir, name: str, evaluate: Callable | None = None, tokenizer_src=None,
+                 checkpoint_module: torch.nn.Module | None = None, adjust_tensor_shapes_fn=None):
+        from nemo_neo.data.dataset import DistributedBatchSampler
+
+        self.ctx, self.arch, self.cfg, self.name = ctx, arch, cfg, name
+        self.loss_fn, self.evaluate, self.tokenizer_src = loss_fn, evaluate, tokenizer_src
+        self.adjust = adjust_tensor_shapes_fn
+        self.run_dir = Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.train_rows = train_rows
+        model.config.calculate_per_token_loss = True  # mean over all tokens of the global batch
+        self.model = model
+        self.saved_module = checkpoint_module or model  # e.g. the student of a DistillationPair
+        self.ddp = wrap_ddp(model)
+        self.optimizer, self.scheduler = build_optimizer(self.ddp, cfg.optim, cfg.steps)
+        self.sampler = DistributedBatchSampler(len(train_rows), cfg.global_batch_size, cfg.micro_batch_size,
+                                               ctx.dp_rank, ctx.dp_size, cfg.seed)
+        self.history: list[dict] = []
+        self.writer = None
+        if ctx.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _microbatches(self, indices_per_micro):
+        from nemo_neo.data.dataset import collate
+
+        return [{k: v.to(self.ctx.device) for k, v in collate(self.train_rows[idx]).items()} for idx in indices_per_micro]
+
+    def _log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **metrics}
+        self.history.append(record)
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"{self.name}/{k}", v, step)
+            with open(self.run_dir / f"{self.name}_log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _save(self, step: int, metrics: dict) -> None:
+        ckpt_state.save_training_checkpoint(self.ckpt_root, step, self.arch, self.saved_module, self.ctx,
+                                            self.optimizer, self.scheduler, self.sampler,
+                                            tokenizer_src=self.tokenizer_src, metrics=metrics)
+
+    def fit(self) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        start = 0
+        latest = ckpt_state.latest_checkpoint(self.ckpt_root)
+        if latest is not None:
+            start = ckpt_state.load_training_checkpoint(latest, self.arch, self.saved_module, ctx,
+                                                        self.optimizer, self.scheduler, self.sampler)
+        if self.writer is not None and start == 0:
+            (self.run_dir / f"{self.name}_log.jsonl").unlink(missing_ok=True)
+        batches = iter(self.sampler)
+        bar = tqdm(total=cfg.steps, initial=start, desc=self.name, unit="step", disable=not ctx.is_main, dynamic_ncols=True)
+        tokens_per_step = cfg.global_batch_size * (self.train_rows.shape[1] - 1)
+        metrics: dict = {}
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            self.ddp.train()
+            self.ddp.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            reports = run_microbatches(self.ddp, self._microbatches(next(batches)), self.loss_fn,
+                                       adjust_tensor_shapes_fn=self.adjust)
+            sums = torch.zeros(2, dtype=torch.float64)
+            for r in reports:
+                sums += torch.stack([r["loss_sum"].double().cpu(), r["tokens"].double().cpu()])
+            loss_sum, tokens = sum_from_last_stage(sums, ctx).tolist()
+            loss = loss_sum / max(tokens, 1.0)
+            if not math.isfinite(loss):
+                kept = ckpt_state.latest_checkpoint(self.ckpt_root)
+                bar.close()
+                raise NonFiniteLossError(
+                    f"{self.name}: loss is {loss} at step {step}; stopped before the optimizer step. "
+                    f"Last good checkpoint kept: {kept or 'none saved yet'}. Lower the LR or check the data."
+                )
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(1)
+            elapsed = time.perf_counter() - t0
+            metrics = {"loss": loss, "lr": current_lr(self.optimizer), "grad_norm": float(grad_norm or 0.0),
+                       "tokens_per_s": tokens_per_step / elapsed, "peak_memory_gb": peak_memory_bytes() / 2**30}
+            if self.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                metrics.update({f"val_{k}": v for k, v in self.evaluate(self.model).items()})
+            self._log(step, metrics)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", lr=f"{metrics['lr']:.2e}")
+            bar.update(1)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                self._save(step, metrics)
+        bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+        return {"final": metrics, "history": self.history, "resumed_from": start}

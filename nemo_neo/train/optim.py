@@ -1,0 +1,71 @@
+"""AdamW + cosine schedule with warm-up and min LR, from megatron-core.
+
+megatron-core's optimizer wrapper computes the gradient norm over all TP/PP ranks (so clipping is
+identical at any layout), keeps fp32 master weights for bf16 training, and is the distributed
+optimizer (optimizer state sharded over data-parallel ranks) when asked. The LR schedule is its
+OptimizerParamScheduler; both have state dicts for resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # Minitron distillation peak; LLM-Neo uses 2e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+
+def build_optimizer(ddp_model, cfg: OptimConfig, total_steps: int):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    module_config = ddp_model.config
+    opt_config = OptimizerConfig(
+        optimizer="adam",  # megatron's "adam" is AdamW (decoupled weight decay)
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=module_config.bf16,
+        fp16=module_config.fp16,
+        params_dtype=module_config.params_dtype,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=cfg.lr / (warmup + 1),  # megatron warms up from init_lr at step 0: no zero-LR first step
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style="cosine",
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def current_lr(optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

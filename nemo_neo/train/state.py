@@ -1,0 +1,86 @@
+"""Training checkpoints: the model (native format) plus each rank's optimizer / schedule / data / RNG
+state, published atomically, and a `latest` pointer that is only moved once a checkpoint is whole."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from nemo_neo.checkpoint.hf_io import CheckpointError
+from nemo_neo.checkpoint.native import load_into_model, rank_state_file, save_distributed
+
+LATEST = "latest.json"
+
+
+def rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def layout(ctx) -> dict:
+    return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size}
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    pointer = Path(ckpt_root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(ckpt_root) / json.loads(pointer.read_text())["name"]
+    return path if path.is_dir() else None
+
+
+def save_training_checkpoint(ckpt_root: Path, step: int, arch, model, ctx, optimizer, scheduler, sampler,
+                             tokenizer_src=None, metrics: dict | None = None) -> Path:
+    ckpt_root = Path(ckpt_root)
+    name = f"step_{step:07d}"
+    state = {
+        "step": step,
+        "layout": layout(ctx),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "rng": rng_state(),
+    }
+    out = save_distributed(ckpt_root / name, arch, model, ctx, tokenizer_src=tokenizer_src,
+                           metadata={"step": step, "metrics": metrics or {}}, overwrite=True, rank_state=state)
+    if ctx.is_main:  # move the pointer only now that the checkpoint is complete
+        tmp = ckpt_root / f".{LATEST}.tmp"
+        tmp.write_text(json.dumps({"name": name, "step": step}) + "\n")
+        os.replace(tmp, ckpt_root / LATEST)
+    torch.distributed.barrier()
+    return out
+
+
+def load_training_checkpoint(path: Path, arch, model, ctx, optimizer, scheduler, sampler) -> int:
+    """Restore everything saved by `save_training_checkpoint`; returns the step to continue from."""
+    load_into_model(path, model, arch, ctx)
+    state_file = rank_state_file(path, ctx.rank)
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} has no training state for rank {ctx.rank}; it was saved with another world size.")
+    state = torch.load(state_file, weights_only=False)
+    if state["layout"] != layout(ctx):
+        raise CheckpointError(
+            f"{path} was saved at layout {state['layout']} but this run is {layout(ctx)}: optimizer state is "
+            "sharded by layout; resume with the same TP/PP/DP, or start a new run from its weights."
+        )
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"])
+    return state["step"]

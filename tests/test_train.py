@@ -1,0 +1,147 @@
+"""The training loop on real and tiny models: distillation helps, resume after SIGKILL is bitwise,
+a non-finite loss stops the run and keeps the last good checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, SHARED_DATA, free_port, torchrun
+
+from nemo_neo.checkpoint.convert import convert_hf_to_neo
+from nemo_neo.checkpoint.native import load_full_state
+from nemo_neo.prune import drop_layers_checkpoint
+
+WORKER = "tests/workers/train_worker.py"
+
+
+def test_distilling_real_teacher_into_half_depth_student(smollm2_ckpt, tmp_path):
+    """SmolLM2-135M teacher -> student = teacher minus its last 15 layers, on WikiText-2."""
+    student = drop_layers_checkpoint(smollm2_ckpt, tmp_path / "student", range(15, 30))
+    run_dir = tmp_path / "run"
+    torchrun(WORKER, 1, "--student", student, "--teacher", smollm2_ckpt, "--run-dir", run_dir,
+             "--data", SHARED_DATA / "wikitext2_valid.txt", "--steps", 12, "--save-every", 12, "--seq", 64,
+             "--gbs", 4, "--mbs", 2, "--lr", 1e-4, "--max-valid", 12, timeout=900)
+    result = json.loads((run_dir / "result.json").read_text())
+    before, after = result["before"], result["final"]
+    assert after["val_kl"] < 0.8 * before["kl"], (before, after)
+    assert after["val_loss"] < 0.8 * before["loss"], (before, after)
+    losses = [h["loss"] for h in result["history"]]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    # the distilled student is a normal checkpoint: only the student was written, 15 layers
+    arch, state, index = load_full_state(run_dir / "checkpoints" / "step_0000012")
+    assert arch.num_layers == 15 and index["metadata"]["step"] == 12
+    assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(hf_model_factory, tmp_path_factory, smollm2_ckpt):
+    """Tiny random teacher/student with SmolLM2's 49152-token vocabulary and its real tokenizer."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("tiny_pair")
+    for name, config in (("teacher", "tiny_teacher_smol_vocab"), ("student", "tiny_student_smol_vocab")):
+        convert_hf_to_neo(hf_model_factory(config), tmp / name)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(smollm2_ckpt / f, tmp / name / f)
+    (tmp / "corpus.txt").write_text((SHARED_DATA / "tinyshakespeare.txt").read_text()[:60000])
+    return tmp
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (torchrun starts its workers in process groups of their own)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def tiny_args(tmp, run_dir):
+    return ["--student", tmp / "student", "--teacher", tmp / "teacher", "--run-dir", run_dir,
+            "--data", tmp / "corpus.txt", "--steps", 60, "--save-every", 5, "--seq", 16, "--gbs", 4, "--mbs", 1]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_pair, tmp_path):
+    """A DP=2 run is killed with SIGKILL after a checkpoint; the same command resumes, and its losses
+    for the remaining steps equal the uninterrupted run's bit for bit."""
+    full = tmp_path / "full"
+    torchrun(WORKER, 2, *tiny_args(tiny_pair, full))
+    reference = json.loads((full / "result.json").read_text())["history"]
+    assert len(reference) == 60
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(REPO / WORKER), *map(str, tiny_args(tiny_pair, killed))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not latest.is_file():
+        time.sleep(0.05)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # the agent and both ranks (own sessions), mid-run
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert latest.is_file(), "the run never wrote a checkpoint"
+    assert not (killed / "result.json").exists(), "the run finished before it could be killed"
+    killed_at = json.loads(latest.read_text())["step"]
+    assert 5 <= killed_at < 60
+
+    torchrun(WORKER, 2, *tiny_args(tiny_pair, killed))
+    resumed = json.loads((killed / "result.json").read_text())
+    assert resumed["resumed_from"] == killed_at
+    after = {h["step"]: h["loss"] for h in resumed["history"]}
+    expected = {h["step"]: h["loss"] for h in reference if h["step"] > killed_at}
+    assert after == expected  # exact float equality: bitwise on CPU
+    _, a, _ = load_full_state(full / "checkpoints" / "step_0000060")
+    _, b, _ = load_full_state(killed / "checkpoints" / "step_0000060")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_pair, tmp_path, parallel_ctx):
+    from nemo_neo.distill.losses import KDLossConfig
+    from nemo_neo.distill.objective import kd_loss_fn
+    from nemo_neo.distill.run import build_pair
+    from nemo_neo.train.loop import NonFiniteLossError, TrainConfig, Trainer
+
+    pair, arch = build_pair(parallel_ctx, tiny_pair / "student", tiny_pair / "teacher")
+    base = kd_loss_fn(KDLossConfig(kind="forward_kl"))
+    calls = {"n": 0}
+
+    def poisoned(outputs, batch):  # the 3rd step's loss is NaN
+        calls["n"] += 1
+        loss_sum, tokens, report = base(outputs, batch)
+        if calls["n"] == 3:
+            loss_sum = loss_sum * float("nan")
+            report = {"loss_sum": loss_sum.detach().clone(), "tokens": tokens}
+        return loss_sum, tokens, report
+
+    rows = torch.randint(0, arch.vocab_size, (16, 9), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=5, global_batch_size=2, micro_batch_size=2, save_every=2, eval_every=100)
+    trainer = Trainer(parallel_ctx, pair, arch, poisoned, rows, cfg, tmp_path / "run", "distill",
+                      checkpoint_module=pair.student)
+    saved_before = {k: v.clone() for k, v in pair.student.state_dict().items() if v is not None and "extra" not in k}
+    with pytest.raises(NonFiniteLossError, match="at step 3.*step_0000002"):
+        trainer.fit()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert json.loads((ckpts / "latest.json").read_text())["step"] == 2
+    assert not (ckpts / "step_0000003").exists()
+    load_full_state(ckpts / "step_0000002")  # whole and readable
+    assert any(not torch.equal(saved_before[k], v) for k, v in pair.student.state_dict().items() if k in saved_before)

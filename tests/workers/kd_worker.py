@@ -1,0 +1,62 @@
+"""torchrun worker: one KD forward+backward (student + frozen teacher on the same pipeline stages)
+at a given TP/PP; writes the loss and the student's full (gathered) gradients.
+
+    torchrun --nproc_per_node N tests/workers/kd_worker.py --student S --teacher T --out O --tp T --pp P --kind K
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from nemo_neo.checkpoint.native import gather_stage_tensors  # noqa: E402
+from nemo_neo.distill.losses import KDLossConfig  # noqa: E402
+from nemo_neo.distill.objective import kd_loss_fn  # noqa: E402
+from nemo_neo.distill.run import build_pair  # noqa: E402
+from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
+from nemo_neo.train.schedule import run_microbatches, wrap_ddp  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--student", required=True)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--kind", default="forward_kl")
+    args = p.parse_args()
+    ctx = initialize(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp))
+    pair, arch = build_pair(ctx, args.student, args.teacher)
+    pair.config.calculate_per_token_loss = True
+    ddp = wrap_ddp(pair)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        tokens = torch.randint(0, arch.vocab_size, (2, 11), generator=g)
+        mask = (torch.rand(2, 10, generator=g) > 0.2).float()  # some tokens not counted
+        batches.append({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask})
+    loss_config = KDLossConfig(kind=args.kind, temperature=2.0, alpha=0.3, t2_scaling=True, chunk_tokens=7)
+    reports = run_microbatches(ddp, batches, kd_loss_fn(loss_config, ctx.tp_group if ctx.tp_size > 1 else None),
+                               adjust_tensor_shapes_fn=pair.pair_tensor_shapes)
+    student = pair.student
+    assert all(p.grad is None and not p.requires_grad for p in pair.teacher.parameters()), "teacher got gradients"
+    grads = gather_stage_tensors(
+        {n: p.main_grad for n, p in student.named_parameters() if not (arch.tie_embeddings and n == "output_layer.weight")},
+        arch, ctx)
+    everything = [None] * ctx.world_size
+    dist.all_gather_object(everything, grads if ctx.tp_rank == 0 and ctx.dp_rank == 0 else {})
+    if ctx.is_last_stage and ctx.tp_rank == 0:
+        total = sum(r["loss_sum"].double() for r in reports) / sum(r["tokens"].double() for r in reports)
+        torch.save({"loss": total}, Path(args.out) / "loss.pt")
+    if ctx.is_main:
+        torch.save({k: v for d in everything for k, v in d.items()}, Path(args.out) / "grads.pt")
+    destroy()
+
+
+if __name__ == "__main__":
+    main()

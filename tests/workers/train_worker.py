@@ -1,0 +1,52 @@
+"""torchrun worker: distil a student from a teacher on real text with the full training loop;
+writes <run_dir>/result.json (loss history, validation before/after) when it finishes.
+
+    torchrun --nproc_per_node N tests/workers/train_worker.py --student S --teacher T --run-dir R --data F [...]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from nemo_neo.data.dataset import load_token_rows  # noqa: E402
+from nemo_neo.distill.losses import KDLossConfig  # noqa: E402
+from nemo_neo.distill.run import distill  # noqa: E402
+from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
+from nemo_neo.train.loop import TrainConfig  # noqa: E402
+from nemo_neo.train.optim import OptimConfig  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    for name in ("--student", "--teacher", "--run-dir", "--data"):
+        p.add_argument(name, required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--save-every", type=int, default=3)
+    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--gbs", type=int, default=4)
+    p.add_argument("--mbs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-valid", type=int, default=8)
+    p.add_argument("--kind", default="forward_kl")
+    args = p.parse_args()
+    from transformers import AutoTokenizer
+
+    ctx = initialize(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp))
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    train, valid = load_token_rows([args.data], tokenizer, args.seq, valid_fraction=0.1, max_valid=args.max_valid)
+    cfg = TrainConfig(steps=args.steps, global_batch_size=args.gbs, micro_batch_size=args.mbs,
+                      save_every=args.save_every, eval_every=args.steps,
+                      optim=OptimConfig(lr=args.lr, min_lr=args.lr / 10, warmup_steps=2))
+    result = distill(ctx, args.student, args.teacher, train, valid, cfg, args.run_dir, KDLossConfig(kind=args.kind))
+    if ctx.is_main:
+        (Path(args.run_dir) / "result.json").write_text(json.dumps(result, indent=1))
+    destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -137,6 +137,10 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_pair, tmp_path, pa
     cfg = TrainConfig(steps=5, global_batch_size=2, micro_batch_size=2, save_every=2, eval_every=100)
     trainer = Trainer(parallel_ctx, pair, arch, poisoned, rows, cfg, tmp_path / "run", "distill",
                       checkpoint_module=pair.student)
+    # the optimizer holds only the student's parameters; the teacher has no grads and no state
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in pair.student.parameters()}
+    assert not any(p.requires_grad for p in pair.teacher.parameters()) and not pair.teacher.training
     saved_before = {k: v.clone() for k, v in pair.student.state_dict().items() if v is not None and "extra" not in k}
     with pytest.raises(NonFiniteLossError, match="at step 3.*step_0000002"):
         trainer.fit()
@@ -145,3 +149,23 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_pair, tmp_path, pa
     assert not (ckpts / "step_0000003").exists()
     load_full_state(ckpts / "step_0000002")  # whole and readable
     assert any(not torch.equal(saved_before[k], v) for k, v in pair.student.state_dict().items() if k in saved_before)
+
+
+def test_activation_recompute_gives_identical_gradients(tiny_pair, parallel_ctx):
+    from nemo_neo.distill.losses import KDLossConfig
+    from nemo_neo.distill.objective import kd_loss_fn
+    from nemo_neo.distill.run import build_pair
+    from nemo_neo.train.schedule import run_microbatches, wrap_ddp
+
+    ids = torch.randint(0, 49152, (2, 13), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for recompute in (False, True):
+        pair, _ = build_pair(parallel_ctx, tiny_pair / "student", tiny_pair / "teacher", recompute_activations=recompute)
+        assert (pair.student.config.recompute_granularity == "full") == recompute
+        pair.config.calculate_per_token_loss = True
+        ddp = wrap_ddp(pair)
+        pair.train()
+        run_microbatches(ddp, [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}], kd_loss_fn(KDLossConfig()))
+        grads.append({n: p.main_grad.clone() for n, p in pair.student.named_parameters()})
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    assert any(g.abs().sum() > 0 for g in grads[0].values())

@@ -13,15 +13,19 @@ from nemo_neo.train.schedule import run_microbatches
 CE_ONLY = KDLossConfig(kind="ce_kl", alpha=1.0, chunk_tokens=1024)
 
 
+def _schedule_outputs(out):
+    """KDLossOutput -> what megatron's schedule takes with calculate_per_token_loss: (sum, int count, report)."""
+    tokens = out.num_tokens.round().to(torch.int)
+    return out.loss_sum, tokens, {"loss_sum": out.loss_sum.detach().clone(), "tokens": tokens.clone()}
+
+
 def kd_loss_fn(config: KDLossConfig, tp_group=None):
     """loss_fn for `Trainer`: (student_logits, teacher_logits) on the last stage -> (sum, count, report)."""
 
     def loss_fn(outputs, batch):
         student_logits, teacher_logits = outputs
-        out = distillation_loss(student_logits, teacher_logits, config, labels=batch["labels"],
-                                loss_mask=batch.get("loss_mask"), tp_group=tp_group)
-        tokens = out.num_tokens.round().to(torch.int)
-        return out.loss_sum, tokens, {"loss_sum": out.loss_sum.detach().clone(), "tokens": tokens.clone()}
+        return _schedule_outputs(distillation_loss(student_logits, teacher_logits, config, labels=batch["labels"],
+                                                   loss_mask=batch.get("loss_mask"), tp_group=tp_group))
 
     return loss_fn
 
@@ -31,9 +35,8 @@ def lm_loss_fn(tp_group=None, chunk_tokens: int = 1024):
     ce = KDLossConfig(kind="ce_kl", alpha=1.0, chunk_tokens=chunk_tokens)
 
     def loss_fn(logits, batch):
-        out = distillation_loss(logits, logits.detach(), ce, labels=batch["labels"], loss_mask=batch.get("loss_mask"), tp_group=tp_group)
-        tokens = out.num_tokens.round().to(torch.int)
-        return out.loss_sum, tokens, {"loss_sum": out.loss_sum.detach().clone(), "tokens": tokens.clone()}
+        return _schedule_outputs(distillation_loss(logits, logits.detach(), ce, labels=batch["labels"],
+                                                   loss_mask=batch.get("loss_mask"), tp_group=tp_group))
 
     return loss_fn
 

@@ -12,20 +12,29 @@ from nemo_neo.models.load import load_model
 from nemo_neo.train.loop import TrainConfig, Trainer
 
 
-def build_pair(ctx, student_ckpt, teacher_ckpt, dtype=torch.float32, teacher_dtype=None):
+def default_dtype():
+    """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and the CPU path is for exactness)."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def build_pair(ctx, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, recompute_activations=False):
+    """Student (trainable) and frozen teacher stages for this rank. `teacher_dtype` may be lower
+    precision than the student's; `recompute_activations` recomputes each student layer in backward."""
     student_arch, _ = read_index(student_ckpt)
     teacher_arch, _ = read_index(teacher_ckpt)
     check_teacher_compatible(student_arch, teacher_arch, student_ckpt, teacher_ckpt)  # before any compute
-    student, _, _ = load_model(student_ckpt, ctx, dtype)
+    dtype = dtype or default_dtype()
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute_activations else {}
+    student, _, _ = load_model(student_ckpt, ctx, dtype, **recompute)
     teacher, _, _ = load_model(teacher_ckpt, ctx, teacher_dtype or dtype)
     return DistillationPair(student, teacher), student_arch
 
 
 def distill(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: TrainConfig, run_dir,
-            loss_cfg: KDLossConfig | None = None, eval_micro_batch_size: int = 4) -> dict:
+            loss_cfg: KDLossConfig | None = None, eval_micro_batch_size: int = 4, **pair_options) -> dict:
     """Train the student on KD(teacher) over `train_rows`; checkpoints (student only) and logs in run_dir."""
     loss_cfg = loss_cfg or KDLossConfig(kind="forward_kl")
-    pair, student_arch = build_pair(ctx, student_ckpt, teacher_ckpt)
+    pair, student_arch = build_pair(ctx, student_ckpt, teacher_ckpt, **pair_options)
     tp_group = ctx.tp_group if ctx.tp_size > 1 else None
 
     def evaluate(_model):

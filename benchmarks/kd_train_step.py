@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""KD training step on the real SmolLM2-135M teacher: tokens/s and peak RSS.
+
+Student = the teacher with its last half of layers dropped (15 of 30); forward KL, fp32 on CPU
+(bf16 on GPU), global batch 4 x 256 tokens, micro-batch 2. Reports the median tokens/s of the steps
+after the first (warm-up) and the process's peak memory. Recorded for comparison with the LoRA and
+pruning issues.
+
+    python benchmarks/kd_train_step.py [--steps 6 --seq 256 --gbs 4 --mbs 2]
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--gbs", type=int, default=4)
+    p.add_argument("--mbs", type=int, default=2)
+    args = p.parse_args()
+    from transformers import AutoTokenizer
+
+    from nemo_neo.data.dataset import load_token_rows
+    from nemo_neo.distill.losses import KDLossConfig
+    from nemo_neo.distill.run import distill
+    from nemo_neo.models.default_teacher import default_teacher_checkpoint
+    from nemo_neo.parallel import initialize
+    from nemo_neo.prune import drop_layers_checkpoint
+    from nemo_neo.train.loop import TrainConfig
+
+    teacher = default_teacher_checkpoint()
+    ctx = initialize()
+    with tempfile.TemporaryDirectory() as tmp:
+        student = drop_layers_checkpoint(teacher, Path(tmp) / "student", range(15, 30))
+        train, valid = load_token_rows([], AutoTokenizer.from_pretrained(str(teacher)), args.seq, max_valid=4)
+        cfg = TrainConfig(steps=args.steps, global_batch_size=args.gbs, micro_batch_size=args.mbs,
+                          save_every=10**9, eval_every=10**9)
+        result = distill(ctx, student, teacher, train, valid, cfg, Path(tmp) / "run", KDLossConfig(kind="forward_kl"))
+    steps = result["history"][1:-1] or result["history"]  # drop warm-up and the final (validating) step
+    out = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "tokens_per_step": args.gbs * args.seq,
+        "median_tokens_per_s": round(statistics.median(h["tokens_per_s"] for h in steps), 1),
+        "peak_memory_gb": round(result["final"]["peak_memory_gb"], 2),
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

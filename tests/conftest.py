@@ -57,6 +57,10 @@ RANDOM_CONFIGS = {
 }
 
 
+# The configs that exercise the converter's architecture coverage (parity and round-trip tests).
+ARCH_CONFIGS = ("llama3_gqa_untied", "mistral_explicit_head_dim", "qwen2_bias_linear_rope")
+
+
 def make_hf_model(name: str, out: Path, dtype=torch.float32, seed: int = 0) -> Path:
     """Save a randomly initialised HF model for RANDOM_CONFIGS[name] to `out`."""
     from transformers import AutoConfig, AutoModelForCausalLM

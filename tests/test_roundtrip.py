@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import RANDOM_CONFIGS
+from conftest import ARCH_CONFIGS
 from safetensors.torch import load_file
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo, convert_neo_to_hf
@@ -15,7 +15,7 @@ def hf_tensors(path):
     return load_file(str(path / "model.safetensors"))
 
 
-@pytest.mark.parametrize("name,dtype", [(n, torch.float32) for n in sorted(RANDOM_CONFIGS)] + [("llama3_gqa_untied", torch.bfloat16)])
+@pytest.mark.parametrize("name,dtype", [(n, torch.float32) for n in ARCH_CONFIGS] + [("llama3_gqa_untied", torch.bfloat16)])
 def test_round_trip_is_exact(name, dtype, hf_model_factory, tmp_path):
     src = hf_model_factory(name, dtype)
     convert_hf_to_neo(src, tmp_path / "neo", tp=2)

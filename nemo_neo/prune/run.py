@@ -1,0 +1,79 @@
+"""Prune a checkpoint end to end (single process): calibrate, choose units / layers, write."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from nemo_neo.checkpoint.hf_io import copy_tokenizer_files
+from nemo_neo.checkpoint.native import load_full_state, save_full_state
+from nemo_neo.prune.depth import drop_layers
+from nemo_neo.prune.importance import ImportanceConfig, compute_importance, load_scores, save_scores
+from nemo_neo.prune.width import prune_width, pruned_arch
+
+WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+
+
+def _calibration_rows(ckpt, calib_data, seq_length: int, num_samples: int):
+    from transformers import AutoTokenizer
+
+    from nemo_neo.checkpoint.hf_io import CheckpointError, has_tokenizer
+    from nemo_neo.data.dataset import load_token_rows
+
+    if not has_tokenizer(ckpt):
+        raise CheckpointError(f"{ckpt} has no tokenizer files, so calibration text cannot be tokenized; convert the "
+                              "model with its tokenizer, or pass importance scores with --scores")
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    train, valid = load_token_rows(calib_data or [], tokenizer, seq_length, valid_fraction=0.1, max_train=num_samples)
+    return train, valid
+
+
+def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, calib_data=None, num_samples: int = 1024,
+                     seq_length: int = 256, scores_path=None, save_scores_path=None, tp: int = 1, pp: int = 1,
+                     overwrite: bool = False, importance: ImportanceConfig | None = None) -> dict:
+    from nemo_neo.models.load import load_model
+    from nemo_neo.parallel import initialize
+
+    start = time.perf_counter()
+    arch, state, _ = load_full_state(ckpt)
+    pruned_arch(arch, target, tp, pp)  # validate the whole target before any work
+    width = {k: v for k, v in target.items() if k in WIDTH_KEYS}
+    report: dict = {"source": str(ckpt), "target": target}
+    needs_model = bool(width) or ("num_layers" in target and not drop)
+    if needs_model:
+        ctx = initialize()
+        train, valid = _calibration_rows(ckpt, calib_data, seq_length, num_samples)
+    if width:
+        if scores_path:
+            scores = load_scores(scores_path)
+        else:
+            model, _, _ = load_model(ckpt, ctx)
+            config = importance or ImportanceConfig(num_samples=num_samples)
+            scores = compute_importance(model, arch, ctx, train, config)
+            del model
+        if save_scores_path:
+            save_scores(scores, save_scores_path)
+        arch, state = prune_width(arch, state, scores, width, tp, pp)
+        report["importance"] = {"num_samples": scores["num_samples"], **scores["config"]}
+    depth_result = None
+    if "num_layers" in target and target["num_layers"] < arch.num_layers and not drop:
+        import tempfile
+
+        from nemo_neo.prune.depth_search import loss_metric, search_depth
+
+        with tempfile.TemporaryDirectory() as tmp:  # search on the (possibly width-pruned) model
+            save_full_state(Path(tmp) / "m", arch, state)
+            model, _, _ = load_model(Path(tmp) / "m", ctx)
+            depth_result = search_depth(model, ctx, arch.num_layers - target["num_layers"], loss_metric(ctx, valid), higher_is_better=False)
+        drop = depth_result["drop_layers"]
+    if drop:
+        arch, state = drop_layers(arch, state, drop)
+        report["dropped_layers"] = sorted(set(drop))
+    out = save_full_state(out, arch, state, lambda dst: copy_tokenizer_files(Path(ckpt), dst),
+                          metadata={"pruning": report}, overwrite=overwrite)
+    if depth_result is not None:
+        from nemo_neo.prune.depth_search import write_report
+
+        write_report(depth_result, Path(out) / "pruning")
+    report.update(out=str(out), parameters=arch.num_parameters(), seconds=round(time.perf_counter() - start, 2))
+    return report

@@ -229,3 +229,16 @@ def test_cli_prunes_checkpoint_by_depth_search(smol_vocab_ckpt, tmp_path):
     assert (tmp_path / "out" / "pruning" / "depth_search.png").is_file()
     again = cli("--ckpt", gqa_ckpt, "--out", tmp_path / "out2", "--target", "ffn_hidden_size=48", "--scores", tmp_path / "scores.pt")
     assert again.returncode == 0, again.stderr
+
+
+def test_depth_search_by_task_accuracy(smol_vocab_ckpt, parallel_ctx):
+    """Depth by a downstream task: each candidate is scored by lm-eval accuracy on local WinoGrande."""
+    pytest.importorskip("lm_eval")
+    from nemo_neo.prune.depth_search import task_metric
+
+    model, arch, _ = load_model(smol_vocab_ckpt, parallel_ctx)
+    metric = task_metric(parallel_ctx, smol_vocab_ckpt, "neo_winogrande", limit=8, data_dir=SHARED_DATA)
+    result = search_depth(model, parallel_ctx, 1, metric, higher_is_better=True)
+    scores = [c["score"] for c in result["curve"]]
+    assert len(scores) == arch.num_layers and all(0.0 <= s <= 1.0 for s in scores)
+    assert result["drop_layers"] == result["curve"][scores.index(max(scores))]["layers"]

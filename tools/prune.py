@@ -11,7 +11,10 @@ Real pruning of a nemo_neo checkpoint (single process):
   python tools/prune.py --ckpt teacher/ --out student/ --drop-layers 15-29
   python tools/prune.py --ckpt teacher/ --out student/ --target num_layers=15 --calib-data valid.txt
       (depth by search: the contiguous block whose removal hurts the validation loss least;
-       writes depth_search.json/.png next to the output)
+       writes depth_search.json/.png into <out>/pruning/)
+  python tools/prune.py --ckpt teacher/ --out student/ --target num_layers=15 \
+      --depth-metric task:neo_winogrande --data-dir ../shared/data --task-limit 200
+      (the block whose removal keeps WinoGrande accuracy highest, through lm-eval)
 
 Scores are saved (--save-scores) and reused (--scores) so pruning can be redone without recalibrating.
 """
@@ -67,6 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--scores", help="reuse importance scores saved by --save-scores")
     p.add_argument("--save-scores", help="write the importance scores here")
+    p.add_argument("--depth-metric", default="loss", help="depth search by 'loss' or 'task:<lm-eval task>' accuracy (e.g. task:neo_winogrande)")
+    p.add_argument("--task-limit", type=int, default=None, help="documents per candidate for --depth-metric task:...")
+    p.add_argument("--data-dir", default=None, help="where the task pack's local files live (e.g. ../shared/data)")
     p.add_argument("--tp", type=int, default=1, help="TP the pruned model must support")
     p.add_argument("--pp", type=int, default=1, help="PP the pruned model must support")
     p.add_argument("--overwrite", action="store_true")
@@ -104,7 +110,8 @@ def main(argv=None) -> int:
 
         result = prune_checkpoint(args.ckpt, args.out, target, drop, calib_data=args.calib_data,
                                   num_samples=args.num_samples, seq_length=args.seq_length, scores_path=args.scores,
-                                  save_scores_path=args.save_scores, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
+                                  save_scores_path=args.save_scores, tp=args.tp, pp=args.pp, overwrite=args.overwrite,
+                                  depth_metric=args.depth_metric, task_limit=args.task_limit, data_dir=args.data_dir)
         print(json.dumps(result, indent=2))
         return 0
     except (PruneTargetError, UnsupportedConfigError, CheckpointError, OutputExistsError, FileNotFoundError) as e:

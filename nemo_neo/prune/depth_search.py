@@ -67,6 +67,28 @@ def loss_metric(ctx, rows: torch.Tensor, micro_batch_size: int = 4) -> Callable:
     return lambda model: validation_loss(model, ctx, rows, micro_batch_size, desc="candidate")["loss"]
 
 
+def task_metric(ctx, tokenizer_dir, task: str, limit: int | None = None, data_dir=None, batch_size: int = 8) -> Callable:
+    """Accuracy of an lm-eval task (e.g. the pack's local-file `neo_winogrande`) for each candidate.
+    The model is evaluated in memory through nemo_neo's lm-eval LM; every rank gets the result."""
+    import torch.distributed as dist
+
+    from nemo_neo.eval.harness import accuracies, evaluate
+    from nemo_neo.eval.lm_eval_model import NeoLM
+    from nemo_neo.eval.tasks import task_manager
+
+    manager = task_manager(data_dir=data_dir, include_defaults=False)
+
+    def metric(model) -> float:
+        lm = NeoLM(model=model, ctx=ctx, tokenizer=str(tokenizer_dir), batch_size=batch_size)
+        results = evaluate(tasks=[task], limit=limit, lm=lm, manager=manager)
+        value = [accuracies(results)[task] if results is not None else None]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(value, src=0)
+        return float(value[0])
+
+    return metric
+
+
 def write_report(result: dict, out_dir, title: str = "Depth pruning") -> tuple[Path, Path]:
     """JSON of the curve and a PNG plot of score vs block start."""
     import matplotlib

@@ -30,7 +30,10 @@ def _calibration_rows(ckpt, calib_data, seq_length: int, num_samples: int):
 
 def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, calib_data=None, num_samples: int = 1024,
                      seq_length: int = 256, scores_path=None, save_scores_path=None, tp: int = 1, pp: int = 1,
-                     overwrite: bool = False, importance: ImportanceConfig | None = None) -> dict:
+                     overwrite: bool = False, importance: ImportanceConfig | None = None, depth_metric: str = "loss",
+                     task_limit: int | None = None, data_dir=None) -> dict:
+    """depth_metric: "loss" (LM validation loss on held-out calibration text) or "task:<lm-eval task>"
+    (accuracy, e.g. task:neo_winogrande with data_dir=../shared/data)."""
     from nemo_neo.models.load import load_model
     from nemo_neo.parallel import initialize
 
@@ -59,12 +62,18 @@ def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, cal
     if "num_layers" in target and target["num_layers"] < arch.num_layers and not drop:
         import tempfile
 
-        from nemo_neo.prune.depth_search import loss_metric, search_depth
+        from nemo_neo.prune.depth_search import loss_metric, search_depth, task_metric
 
         with tempfile.TemporaryDirectory() as tmp:  # search on the (possibly width-pruned) model
             save_full_state(Path(tmp) / "m", arch, state)
             model, _, _ = load_model(Path(tmp) / "m", ctx)
-            depth_result = search_depth(model, ctx, arch.num_layers - target["num_layers"], loss_metric(ctx, valid), higher_is_better=False)
+            if depth_metric.startswith("task:"):
+                metric, higher = task_metric(ctx, ckpt, depth_metric[5:], task_limit, data_dir), True
+            elif depth_metric == "loss":
+                metric, higher = loss_metric(ctx, valid), False
+            else:
+                raise ValueError(f"depth_metric={depth_metric!r}: use 'loss' or 'task:<lm-eval task name>'")
+            depth_result = search_depth(model, ctx, arch.num_layers - target["num_layers"], metric, higher_is_better=higher)
         drop = depth_result["drop_layers"]
     if drop:
         arch, state = drop_layers(arch, state, drop)

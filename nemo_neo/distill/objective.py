@@ -10,7 +10,7 @@ from nemo_neo.distill.losses import KDLossConfig, distillation_loss
 from nemo_neo.parallel.reduce import sum_from_last_stage
 from nemo_neo.train.schedule import run_microbatches
 
-CE_ONLY = KDLossConfig(kind="ce_kl", alpha=1.0, chunk_tokens=1024)
+CE_ONLY = KDLossConfig(kind="ce_kl", alpha=1.0)
 
 
 def _schedule_outputs(out):
@@ -30,7 +30,7 @@ def kd_loss_fn(config: KDLossConfig, tp_group=None):
     return loss_fn
 
 
-def lm_loss_fn(tp_group=None, chunk_tokens: int = 1024):
+def lm_loss_fn(tp_group=None, chunk_tokens="auto"):
     """loss_fn for `Trainer` on a plain GPT stage: next-token cross-entropy (teacher correction, SFT)."""
     ce = KDLossConfig(kind="ce_kl", alpha=1.0, chunk_tokens=chunk_tokens)
 
@@ -46,7 +46,7 @@ def distillation_metrics(pair, ctx, rows: torch.Tensor, micro_batch_size: int, t
     """Student LM loss and forward KL(teacher || student) per token on held-out rows."""
     from nemo_neo.data.dataset import collate
 
-    kl_config = KDLossConfig(kind="forward_kl", chunk_tokens=1024)
+    kl_config = KDLossConfig(kind="forward_kl")
     was_training = pair.training
     pair.eval()
     mine = rows[ctx.dp_rank :: ctx.dp_size]

@@ -31,10 +31,14 @@ def build_pair(ctx, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, 
 
 
 def distill(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: TrainConfig, run_dir,
-            loss_cfg: KDLossConfig | None = None, eval_micro_batch_size: int = 4, **pair_options) -> dict:
-    """Train the student on KD(teacher) over `train_rows`; checkpoints (student only) and logs in run_dir."""
+            loss_cfg: KDLossConfig | None = None, eval_micro_batch_size: int = 4, prepare_student=None,
+            **pair_options) -> dict:
+    """Train the student on KD(teacher) over `train_rows`; checkpoints (student only) and logs in run_dir.
+    `prepare_student(student)` runs before training (e.g. LLM-Neo puts LoRA adapters on it)."""
     loss_cfg = loss_cfg or KDLossConfig(kind="forward_kl")
     pair, student_arch = build_pair(ctx, student_ckpt, teacher_ckpt, **pair_options)
+    if prepare_student is not None:
+        prepare_student(pair.student)
     tp_group = ctx.tp_group if ctx.tp_size > 1 else None
 
     def evaluate(_model):
@@ -46,4 +50,5 @@ def distill(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: 
                       adjust_tensor_shapes_fn=pair.pair_tensor_shapes)
     result = trainer.fit()
     result["before"] = before
+    result["pair"] = pair
     return result

@@ -44,15 +44,19 @@ def vocab_range(local_vocab: int, group) -> tuple[int, int]:
     return start, start + local_vocab
 
 
-def log_softmax(logits: torch.Tensor, group) -> torch.Tensor:
+def log_softmax(logits: torch.Tensor, group, out: torch.Tensor | None = None) -> torch.Tensor:
     """Log-softmax over the *global* vocab of a `[n, V_local]` shard, returned as a local shard.
 
     The max (for stability) and the sum of exponentials are all-reduced, so the result equals the
-    matching slice of `log_softmax(full_logits)`. Returns a new tensor; `logits` is untouched.
+    matching slice of `log_softmax(full_logits)`. Writes into `out` (same shape and dtype, not
+    overlapping `logits`) when given, else returns a new tensor; `logits` is untouched. Without
+    tensor parallelism this is torch's fused log_softmax (one kernel instead of five passes).
     """
+    if group_size(group) == 1:
+        return torch.log_softmax(logits, dim=-1) if out is None else torch.log_softmax(logits, dim=-1, out=out)
     row_max = logits.max(dim=-1, keepdim=True).values
     all_reduce_(row_max, group, op=dist.ReduceOp.MAX)
-    shifted = logits - row_max
+    shifted = torch.sub(logits, row_max) if out is None else torch.sub(logits, row_max, out=out)
     sum_exp = shifted.exp().sum(dim=-1, keepdim=True)
     all_reduce_(sum_exp, group)
     return shifted.sub_(sum_exp.log_())

@@ -73,6 +73,7 @@ def local_tensors(model: torch.nn.Module, arch: GPTArch) -> dict[str, torch.Tens
     for name, tensor in model.state_dict().items():
         if name.endswith("_extra_state") or tensor is None:
             continue
+        name = sharding.canonical_name(name)
         if arch.tie_embeddings and name == "output_layer.weight":
             continue
         out[name] = tensor
@@ -154,7 +155,7 @@ def read_index(ckpt) -> tuple[GPTArch, dict]:
 def _check_complete(arch: GPTArch, tensors: dict, where: str) -> None:
     expected = expected_neo_shapes(arch)
     missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    extra = sorted(n for n in set(tensors) - set(expected) if not sharding.is_adapter(n))
     wrong = [f"{k}: {tuple(tensors[k]['shape'])} != {v}" for k, v in expected.items() if k in tensors and tuple(tensors[k]["shape"]) != v]
     if missing or extra or wrong:
         parts = []
@@ -209,7 +210,9 @@ def load_into_model(ckpt, model: torch.nn.Module, arch: GPTArch, ctx) -> dict:
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name.endswith("_extra_state") or tensor is None:
                 continue
-            source = sharding.to_global(name, offset)
+            source = sharding.to_global(sharding.canonical_name(name), offset)
+            if sharding.is_adapter(source) and source not in index["tensors"]:
+                continue  # an adapter-free checkpoint loaded into a LoRA-wrapped model: adapters keep their init
             if arch.tie_embeddings and name == "output_layer.weight":
                 source = "embedding.word_embeddings.weight"  # last stage's copy of the tied weights
             info = index["tensors"][source]

@@ -16,6 +16,14 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 def tp_split(name: str) -> str | int | None:
     """Dimension a tensor is split along under TP: an int, "swiglu" (each half of fc1 split on
     dim 0), or None when every TP rank holds it whole (norms)."""
+    if ".lora_" in name:  # LoRA adapters follow their base layer's split (see nemo_neo.peft.lora)
+        base, _, which = name.rpartition(".lora_")
+        column = base.endswith(("linear_qkv", "linear_fc1"))
+        if which == "B" and column:
+            return "swiglu" if base.endswith("linear_fc1") else 0
+        if which == "A" and not column:
+            return 1
+        return None
     if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias")):
         return 0  # vocab-parallel embedding/head; column-parallel qkv (rows grouped by query group)
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
@@ -52,6 +60,16 @@ def unshard(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
         gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
         return torch.cat(list(gates) + list(ups), dim=0)
     return torch.cat(shards, dim=split)
+
+
+def canonical_name(name: str) -> str:
+    """Checkpoint name of a model tensor: a LoRA-wrapped layer's frozen base is stored under the
+    plain layer's name, so merged, unmerged and adapter-free checkpoints share one layout."""
+    return name.replace(".base.", ".")
+
+
+def is_adapter(name: str) -> bool:
+    return ".lora_" in name
 
 
 def layer_offset(num_layers: int, pp_rank: int, pp: int) -> int:

@@ -50,5 +50,4 @@ def distill(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: 
                       adjust_tensor_shapes_fn=pair.pair_tensor_shapes)
     result = trainer.fit()
     result["before"] = before
-    result["pair"] = pair
     return result

@@ -33,6 +33,8 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-valid", type=int, default=8)
     p.add_argument("--kind", default="forward_kl")
+    p.add_argument("--lora-rank", type=int, default=0, help="> 0: LLM-Neo (KD into LoRA adapters of this rank)")
+    p.add_argument("--alpha", type=float, default=0.5, help="LLM-Neo: weight of CE in alpha*CE + (1-alpha)*KL")
     args = p.parse_args()
     from transformers import AutoTokenizer
 
@@ -42,7 +44,14 @@ def main():
     cfg = TrainConfig(steps=args.steps, global_batch_size=args.gbs, micro_batch_size=args.mbs,
                       save_every=args.save_every, eval_every=args.steps,
                       optim=OptimConfig(lr=args.lr, min_lr=args.lr / 10, warmup_steps=2))
-    result = distill(ctx, args.student, args.teacher, train, valid, cfg, args.run_dir, KDLossConfig(kind=args.kind))
+    if args.lora_rank > 0:
+        from nemo_neo.peft import LoRAConfig
+        from nemo_neo.peft.llm_neo import llm_neo
+
+        lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+        result = llm_neo(ctx, args.student, args.teacher, train, valid, cfg, args.run_dir, lora, alpha=args.alpha)
+    else:
+        result = distill(ctx, args.student, args.teacher, train, valid, cfg, args.run_dir, KDLossConfig(kind=args.kind))
     if ctx.is_main:
         (Path(args.run_dir) / "result.json").write_text(json.dumps(result, indent=1))
     destroy()

@@ -28,6 +28,7 @@ from nemo_neo.checkpoint import atomic, sharding
 from nemo_neo.checkpoint.hf_io import CheckpointError, copy_tokenizer_files
 from nemo_neo.checkpoint.hf_mapping import expected_neo_shapes
 from nemo_neo.models.arch import GPTArch, arch_from_hf_config
+from nemo_neo.parallel.reduce import merge_stage_dicts
 
 FORMAT = "nemo_neo-checkpoint"
 VERSION = 1
@@ -125,10 +126,8 @@ def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx, tokenizer_
     if rank_state is not None:
         rank_state_file(tmp, ctx.rank).parent.mkdir(exist_ok=True)
         torch.save(rank_state, rank_state_file(tmp, ctx.rank))
-    gathered = [None] * ctx.world_size
-    dist.all_gather_object(gathered, described)
+    tensors = merge_stage_dicts(described, ctx)
     if ctx.is_main:
-        tensors = {k: v for d in gathered for k, v in d.items()}
         _check_complete(arch, tensors, "distributed save")
         _write_index(tmp, arch, tensors, ctx.tp_size, ctx.pp_size, metadata)
         if tokenizer_src is not None:

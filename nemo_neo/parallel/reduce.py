@@ -18,3 +18,14 @@ def sum_from_last_stage(values: torch.Tensor, ctx) -> torch.Tensor:
     device_values = values.to(ctx.device)
     dist.all_reduce(device_values)
     return device_values.cpu()
+
+
+def merge_stage_dicts(stage_dict: dict, ctx) -> dict:
+    """Union over pipeline stages of per-stage dicts (e.g. full tensors gathered over TP), counted
+    once per stage (from its TP-rank-0, DP-rank-0 process); the result is on every rank."""
+    contribution = stage_dict if ctx.tp_rank == 0 and ctx.dp_rank == 0 else {}
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(contribution)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, contribution)
+    return {k: v for part in parts for k, v in part.items()}

@@ -129,13 +129,13 @@ def save_adapters(path, model, arch, ctx, config: LoRAConfig) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    state = adapter_state(model, arch, ctx)
-    parts = [None] * ctx.world_size
-    dist.all_gather_object(parts, state if ctx.tp_rank == 0 and ctx.dp_rank == 0 else {})
+    from nemo_neo.parallel.reduce import merge_stage_dicts
+
+    merged = merge_stage_dicts(adapter_state(model, arch, ctx), ctx)
     if ctx.is_main:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        merged = {k: v.contiguous() for d in parts for k, v in d.items()}
+        merged = {k: v.contiguous() for k, v in merged.items()}
         meta = {"lora_config": json.dumps(config.__dict__), "hidden_size": str(arch.hidden_size),
                 "num_layers": str(arch.num_layers)}
         tmp = path.with_name(path.name + ".tmp")

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -18,6 +17,7 @@ from nemo_neo.distill.losses import KDLossConfig  # noqa: E402
 from nemo_neo.distill.objective import kd_loss_fn  # noqa: E402
 from nemo_neo.distill.run import build_pair  # noqa: E402
 from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
+from nemo_neo.parallel.reduce import merge_stage_dicts  # noqa: E402
 from nemo_neo.train.schedule import run_microbatches, wrap_ddp  # noqa: E402
 
 
@@ -48,13 +48,12 @@ def main():
     grads = gather_stage_tensors(
         {n: p.main_grad for n, p in student.named_parameters() if not (arch.tie_embeddings and n == "output_layer.weight")},
         arch, ctx)
-    everything = [None] * ctx.world_size
-    dist.all_gather_object(everything, grads if ctx.tp_rank == 0 and ctx.dp_rank == 0 else {})
+    everything = merge_stage_dicts(grads, ctx)
     if ctx.is_last_stage and ctx.tp_rank == 0:
         total = sum(r["loss_sum"].double() for r in reports) / sum(r["tokens"].double() for r in reports)
         torch.save({"loss": total}, Path(args.out) / "loss.pt")
     if ctx.is_main:
-        torch.save({k: v for d in everything for k, v in d.items()}, Path(args.out) / "grads.pt")
+        torch.save(everything, Path(args.out) / "grads.pt")
     destroy()
 
 

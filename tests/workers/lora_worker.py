@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -17,6 +16,7 @@ from nemo_neo.checkpoint import sharding  # noqa: E402
 from nemo_neo.checkpoint.native import gather_stage_tensors  # noqa: E402
 from nemo_neo.models.load import load_model  # noqa: E402
 from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
+from nemo_neo.parallel.reduce import merge_stage_dicts  # noqa: E402
 from nemo_neo.peft import LoRAConfig, adapter_state, apply_lora  # noqa: E402
 from nemo_neo.train.schedule import run_microbatches, wrap_ddp  # noqa: E402
 
@@ -54,11 +54,9 @@ def main():
     losses = run_microbatches(ddp, [batch], loss_fn, pass_labels=True)
     grads = gather_stage_tensors({sharding.canonical_name(n): q.main_grad for n, q in model.named_parameters() if q.requires_grad}, arch, ctx)
     weights = adapter_state(model, arch, ctx)
-    parts = [None] * ctx.world_size
-    dist.all_gather_object(parts, (grads, weights) if ctx.tp_rank == 0 and ctx.dp_rank == 0 else ({}, {}))
+    grads, weights = merge_stage_dicts(grads, ctx), merge_stage_dicts(weights, ctx)
     if ctx.is_main:
-        torch.save({"grads": {k: v for g, _ in parts for k, v in g.items()},
-                    "adapters": {k: v for _, w in parts for k, v in w.items()}}, Path(args.out) / "grads.pt")
+        torch.save({"grads": grads, "adapters": weights}, Path(args.out) / "grads.pt")
     if ctx.is_last_stage and ctx.tp_rank == 0:
         torch.save({"logits": logits[0]["logits"], "loss": losses[0]["loss"]}, Path(args.out) / "outputs.pt")
     destroy()

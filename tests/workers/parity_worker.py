@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from nemo_neo.checkpoint.native import gather_stage_tensors, save_distributed  # noqa: E402
 from nemo_neo.models.load import load_model  # noqa: E402
 from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
+from nemo_neo.parallel.reduce import merge_stage_dicts  # noqa: E402
 from nemo_neo.train.schedule import run_microbatches, wrap_ddp  # noqa: E402
 
 
@@ -56,11 +56,9 @@ def main():
     ddp.zero_grad_buffer()
     losses = run_microbatches(ddp, batches, loss_fn, pass_labels=True)
     grads = gather_stage_tensors({n: p.main_grad for n, p in model.named_parameters() if not (arch.tie_embeddings and n == "output_layer.weight")}, arch, ctx)
-    all_grads = [None] * ctx.world_size
-    dist.all_gather_object(all_grads, grads if ctx.tp_rank == 0 and ctx.dp_rank == 0 else {})
+    merged = merge_stage_dicts(grads, ctx)
     out = Path(args.out)
     if ctx.is_main:
-        merged = {k: v for d in all_grads for k, v in d.items()}
         torch.save(merged, out / "grads.pt")
     if ctx.is_last_stage and ctx.tp_rank == 0:
         torch.save({"logits": torch.stack([r["logits"] for r in logits]),

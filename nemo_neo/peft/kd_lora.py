@@ -1,0 +1,406 @@
+"""KD-LoRA (task-specific) and its baselines on GLUE, with decoder LMs as classifiers.
+
+KD-LoRA (Azimi et al., ENLSP @ NeurIPS 2024): (a) fully fine-tune the teacher on the task,
+(b) take a smaller student of the same family with LoRA on the attention query / value projections,
+(c) train only the adapters with alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) on the
+task logits. Baselines from the same entry point (`run_task(task, method)`):
+
+    fft      full fine-tune of the student, CE
+    lora     LoRA (q, v) on the student, CE only
+    kd_lora  LoRA (q, v) on the student, CE + T^2 KL from the fine-tuned teacher
+
+Classifier: the LM's scores of label words. Each task has a prompt template ending in a cue
+("...\\nSentiment:") and one label word per class (" negative" / " positive"); the class logits are
+the LM logits at the last prompt token restricted to the label words' token ids. Why: no new head
+(nothing randomly initialised; an untrained model already has a meaningful zero-shot prediction,
+which is the baseline the student is measured against), teacher and student share the same
+"head" (the tied vocabulary rows of the label words), so their class logits live in the same space
+for the KL, and a merged student stays a plain LM checkpoint. Only those rows of the output layer
+are computed (the [b, C] product at the last token instead of [b, s, 49152] logits): the same
+numbers as slicing the full logits, at a fraction of the cost.
+
+Training loop: a plain single-process loop with torch.optim.AdamW over the trainable parameters
+and HF Trainer's default linear warm-up / linear decay schedule, as in the reference implementation
+(which uses transformers.Trainer). Frozen base weights get no gradients and no optimizer state.
+Teacher soft labels are computed once over the training set after its fine-tuning (eval mode, as
+the reference implementation does with `trainer.predict`). Single process, TP = PP = 1: the
+label-word head reads whole vocabulary rows; multi-GPU training is left to the LM recipes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nemo_neo.data.glue import GlueTask, compute_metrics, get_task, read_glue
+from nemo_neo.distill.losses import KDLossConfig, distillation_loss
+from nemo_neo.peft.apply import LoRAConfig, apply_lora, trainable_report
+
+METHODS = ("fft", "lora", "kd_lora")
+
+
+@dataclass
+class StageConfig:
+    """One fine-tuning stage (teacher FFT, student FFT / LoRA / KD-LoRA)."""
+
+    lr: float = 5e-5
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 16
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0  # HF Trainer default: no warm-up, linear decay to 0
+    clip_grad: float = 1.0
+
+
+@dataclass
+class KDLoRATaskConfig:
+    task: str = "SST-2"
+    method: str = "kd_lora"
+    glue_root: str | None = None  # <root>/<TASK>/{train,dev}.tsv
+    teacher_ckpt: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    finetuned_teacher_ckpt: str | None = None  # skip step (a) with an already fine-tuned teacher
+    student_ckpt: str | None = None  # None: the teacher with `student_drop_layers` removed
+    student_drop_layers: list | None = None  # None: drop half (the block before the last layer)
+    max_length: int = 128
+    train_limit: int | None = None  # first N training examples (None = all)
+    dev_limit: int | None = None
+    eval_batch_size: int = 32
+    teacher: StageConfig = field(default_factory=lambda: StageConfig(lr=5e-5))
+    student: StageConfig = field(default_factory=lambda: StageConfig(lr=5e-4))
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=8, alpha=16.0, dropout=0.1,
+                                                                targets=["linear_qkv"], qkv_parts=["q", "v"]))
+    kd_alpha: float = 0.5  # weight of CE; the KL gets 1 - kd_alpha
+    temperature: float = 2.0
+    seed: int = 0
+    run_dir: str | None = None  # metrics.json (+ adapters / fine-tuned teacher when save_models)
+    save_models: bool = False
+    evaluate_teacher: bool = True  # dev metrics of the teacher before / after its fine-tuning
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and label words
+
+
+def load_tokenizer(ckpt):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ckpt))
+
+
+def label_token_ids(tokenizer, spec: GlueTask) -> list[int]:
+    """One token id per class: the label word must be a single token, and the ids distinct."""
+    ids = []
+    for word in spec.label_words:
+        toks = tokenizer.encode(word, add_special_tokens=False)
+        if len(toks) != 1:
+            raise ValueError(f"label word {word!r} of {spec.name} is {len(toks)} tokens for this tokenizer; "
+                             "pick single-token label words")
+        ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label words {spec.label_words} of {spec.name} map to the same token")
+    return ids
+
+
+def encode_examples(tokenizer, spec: GlueTask, examples, max_length: int) -> list[list[int]]:
+    """Token ids of each prompt, at most `max_length`: the texts are cut (longest first, from the
+    end), never the template, so the prompt always ends with its cue."""
+    fixed_cache = {}
+    out = []
+    for ex in examples:
+        pieces = []
+        for p in spec.template:
+            if p in ("{a}", "{b}"):
+                text = ex.text_a if p == "{a}" else ex.text_b
+                pieces.append([p, tokenizer.encode(" " + text, add_special_tokens=False)])
+            else:
+                if p not in fixed_cache:
+                    fixed_cache[p] = tokenizer.encode(p, add_special_tokens=False)
+                pieces.append([None, fixed_cache[p]])
+        fixed = sum(len(t) for k, t in pieces if k is None)
+        budget = max_length - fixed
+        if budget < len([1 for k, _ in pieces if k is not None]):
+            raise ValueError(f"max_length={max_length} leaves no room for the text of {spec.name} "
+                             f"(the template alone is {fixed} tokens)")
+        while sum(len(t) for k, t in pieces if k is not None) > budget:
+            longest = max((pc for pc in pieces if pc[0] is not None), key=lambda pc: len(pc[1]))
+            excess = sum(len(t) for k, t in pieces if k is not None) - budget
+            longest[1] = longest[1][:max(len(longest[1]) - excess, 1)]
+        out.append([t for _, toks in pieces for t in toks])
+    return out
+
+
+def collate(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [b, s] ids and the index of each row's last real token. Causal attention means
+    the padding after it never reaches that token, so no attention mask is needed."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids, torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long)
+
+
+@contextlib.contextmanager
+def _label_word_head(model, last_idx: torch.Tensor, label_ids: list[int]):
+    """Make the output layer return only [1, b, C]: hidden state at each row's last token times the
+    label words' output rows (identical to slicing the full [b, s, V] logits)."""
+    layer = model.output_layer
+    rows = torch.tensor(label_ids, dtype=torch.long)
+
+    def forward(input_, weight=None, runtime_gather_output=None):  # input_: [s, b, h]
+        w = layer.weight if weight is None else weight
+        h = input_[last_idx.to(input_.device), torch.arange(input_.shape[1], device=input_.device)]
+        logits = h @ w[rows.to(w.device)].t()
+        if getattr(layer, "bias", None) is not None:
+            logits = logits + layer.bias[rows.to(w.device)]
+        return logits.unsqueeze(0), None
+
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
+def class_logits(model, input_ids: torch.Tensor, last_idx: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
+    """[b, C] class logits: LM logits at each row's last prompt token, at the label words."""
+    if getattr(model.config, "tensor_model_parallel_size", 1) != 1 or getattr(model.config, "pipeline_model_parallel_size", 1) != 1:
+        raise ValueError("the label-word classifier runs single-process (TP = PP = 1)")
+    device = next(model.parameters()).device
+    with _label_word_head(model, last_idx, label_ids):
+        out = model(input_ids.to(device), position_ids=None, attention_mask=None)
+    return out[:, 0, :].float()
+
+
+@torch.no_grad()
+def predict_logits(model, encoded, label_ids, batch_size: int, pad_id: int) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = []
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # length-bucketed: less padding
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, last = collate([encoded[i] for i in idx], pad_id)
+        out.append((idx, class_logits(model, ids, last, label_ids).cpu()))
+    model.train(was_training)
+    logits = torch.empty(len(encoded), len(label_ids))
+    for idx, chunk in out:
+        logits[torch.tensor(idx)] = chunk
+    return logits
+
+
+def evaluate(model, task: str, encoded, labels, label_ids, batch_size: int, pad_id: int) -> dict:
+    preds = predict_logits(model, encoded, label_ids, batch_size, pad_id).argmax(-1).tolist()
+    return compute_metrics(task, preds, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _num_steps(cfg: StageConfig, n: int) -> int:
+    if cfg.max_steps is not None:
+        return int(cfg.max_steps)
+    return max(1, math.ceil(cfg.epochs * n / cfg.batch_size))
+
+
+def finetune(model, encoded, labels, label_ids, cfg: StageConfig, pad_id: int, seed: int,
+             teacher_logits: torch.Tensor | None = None, kd_alpha: float = 0.5, temperature: float = 2.0) -> dict:
+    """Train the parameters of `model` that require grad. CE on the class logits, or with
+    `teacher_logits` ([N, C], aligned with `encoded`) alpha * CE + (1 - alpha) * T^2 * KL."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # norms and biases: no weight decay (HF convention)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps = _num_steps(cfg, len(encoded))
+    warmup = int(cfg.warmup_ratio * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(warmup, 1) if s < warmup else max(0.0, (steps - s) / max(steps - warmup, 1)))
+    kd = KDLossConfig(kind="ce_kl", alpha=kd_alpha, temperature=temperature, t2_scaling=True, chunk_tokens=None)
+    gen = torch.Generator().manual_seed(seed)
+    labels_t = torch.tensor(labels, dtype=torch.long)
+    perm, pos, losses = torch.randperm(len(encoded), generator=gen), 0, []
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if pos + cfg.batch_size > len(perm):  # new epoch (drop the last partial batch)
+            perm, pos = torch.randperm(len(encoded), generator=gen), 0
+        idx = perm[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        ids, last = collate([encoded[i] for i in idx.tolist()], pad_id)
+        logits = class_logits(model, ids, last, label_ids)
+        y = labels_t[idx].to(logits.device)
+        if teacher_logits is None:
+            loss = F.cross_entropy(logits, y)
+        else:
+            t = teacher_logits[idx].to(logits.device)
+            loss_sum, n = distillation_loss(logits[:, None, :], t[:, None, :], kd, labels=y[:, None])
+            loss = loss_sum / n
+        loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1],
+            "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]), "train_time_s": time.perf_counter() - t0,
+            "optimizer_state_tensors": sum(len(s) for s in opt.state.values()),
+            "optimizer_params": len(opt.state)}
+
+
+def default_student_drop(num_layers: int) -> list[int]:
+    """Half the layers: the contiguous block just before the last layer (the first layers and the
+    last one matter most for depth-pruned LMs, cf. Minitron / ShortGPT)."""
+    n_drop = num_layers // 2
+    return list(range(num_layers - 1 - n_drop, num_layers - 1))
+
+
+def make_student_checkpoint(teacher_ckpt, out, drop_layers=None, overwrite: bool = True) -> Path:
+    from nemo_neo.checkpoint.native import read_index
+    from nemo_neo.prune import drop_layers_checkpoint
+
+    arch, _ = read_index(teacher_ckpt)
+    drop = default_student_drop(arch.num_layers) if drop_layers is None else list(drop_layers)
+    drop_layers_checkpoint(teacher_ckpt, out, drop, overwrite=overwrite)
+    return Path(out)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def run_task(task: str = "SST-2", method: str = "kd_lora", config: KDLoRATaskConfig | None = None, ctx=None,
+             on_student_ready=None, **overrides) -> dict:
+    """Fine-tune / distill a student on one GLUE task and return its metrics (a JSON-able dict).
+
+    method: fft | lora | kd_lora. For kd_lora the teacher is fine-tuned first (step a) unless
+    `finetuned_teacher_ckpt` is given. `on_student_ready(student)` is called once the student is
+    built and (for lora / kd_lora) wrapped, before training (e.g. to snapshot its weights).
+    The result holds the student's dev metrics before and after training, and for kd_lora the
+    teacher's before / after its fine-tuning."""
+    from nemo_neo.models.load import load_model
+
+    cfg = config or KDLoRATaskConfig()
+    cfg = KDLoRATaskConfig(**{**asdict(cfg), "task": task, "method": method, **overrides})
+    for k in ("teacher", "student"):
+        if isinstance(getattr(cfg, k), dict):
+            setattr(cfg, k, StageConfig(**getattr(cfg, k)))
+    if isinstance(cfg.lora, dict):
+        cfg.lora = LoRAConfig(**cfg.lora)
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
+    spec = get_task(cfg.task)
+    if ctx is None:
+        from nemo_neo.parallel import initialize
+        ctx = initialize()
+    if cfg.glue_root is None:
+        raise ValueError("glue_root is required (<root>/<TASK>/{train,dev}.tsv)")
+    teacher_ckpt = cfg.teacher_ckpt
+    if teacher_ckpt is None:
+        from nemo_neo.models.default_teacher import default_teacher_checkpoint
+        teacher_ckpt = default_teacher_checkpoint()
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+    if run_dir:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    student_ckpt = cfg.student_ckpt
+    if student_ckpt is None:
+        if run_dir is None:
+            raise ValueError("student_ckpt or run_dir (to write the depth-pruned student into) is required")
+        student_ckpt = make_student_checkpoint(teacher_ckpt, run_dir / "student", cfg.student_drop_layers)
+
+    tok = load_tokenizer(student_ckpt)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    label_ids = label_token_ids(tok, spec)
+    train = read_glue(cfg.glue_root, spec.name, "train", cfg.train_limit)
+    dev = read_glue(cfg.glue_root, spec.name, "dev", cfg.dev_limit)
+    train_enc = encode_examples(tok, spec, train, cfg.max_length)
+    dev_enc = encode_examples(tok, spec, dev, cfg.max_length)
+    train_y, dev_y = [e.label for e in train], [e.label for e in dev]
+    ev = lambda m: evaluate(m, spec.name, dev_enc, dev_y, label_ids, cfg.eval_batch_size, pad_id)  # noqa: E731
+
+    result = {"task": spec.name, "method": cfg.method, "metric": spec.metric, "label_words": list(spec.label_words),
+              "num_train": len(train), "num_dev": len(dev), "student_ckpt": str(student_ckpt),
+              "config": json.loads(json.dumps(asdict(cfg), default=str))}
+
+    teacher_logits = None
+    if cfg.method == "kd_lora":
+        # (a) the teacher, fully fine-tuned on the task (or given already fine-tuned)
+        _seed_all(cfg.seed)
+        if cfg.finetuned_teacher_ckpt:
+            teacher, _, _ = load_model(cfg.finetuned_teacher_ckpt, ctx)
+            if cfg.evaluate_teacher:
+                result["teacher_after"] = ev(teacher)
+        else:
+            teacher, t_arch, _ = load_model(teacher_ckpt, ctx)
+            if cfg.evaluate_teacher:
+                result["teacher_before"] = ev(teacher)
+            result["teacher_train"] = finetune(teacher, train_enc, train_y, label_ids, cfg.teacher, pad_id, cfg.seed)
+            if cfg.evaluate_teacher:
+                result["teacher_after"] = ev(teacher)
+            if cfg.save_models and run_dir:
+                from nemo_neo.checkpoint.native import save_distributed
+                save_distributed(run_dir / "teacher_finetuned", t_arch, teacher, ctx, tokenizer_src=teacher_ckpt,
+                                 metadata={"kd_lora_teacher": {"task": spec.name}}, overwrite=True)
+        teacher_logits = predict_logits(teacher, train_enc, label_ids, cfg.eval_batch_size, pad_id)
+        result["teacher_train_accuracy"] = compute_metrics(spec.name, teacher_logits.argmax(-1).tolist(), train_y)["accuracy"]
+        del teacher
+
+    # (b) the student: full fine-tune, or LoRA on q / v
+    _seed_all(cfg.seed)
+    student, s_arch, _ = load_model(student_ckpt, ctx)
+    result["student_before"] = ev(student)
+    if cfg.method in ("lora", "kd_lora"):
+        apply_lora(student, cfg.lora, ctx)
+    result["trainable"] = {k: v for k, v in trainable_report(student).items() if k != "modules"}
+    if on_student_ready is not None:
+        on_student_ready(student)
+    # (c) train: CE, or alpha * CE + (1 - alpha) * T^2 * KL on the class logits
+    result["student_train"] = finetune(student, train_enc, train_y, label_ids, cfg.student, pad_id, cfg.seed,
+                                       teacher_logits=teacher_logits, kd_alpha=cfg.kd_alpha,
+                                       temperature=cfg.temperature)
+    result["student_after"] = ev(student)
+    if run_dir:
+        if cfg.save_models and cfg.method != "fft":
+            from nemo_neo.peft.apply import save_adapters
+            save_adapters(run_dir / "adapters.safetensors", student, s_arch, ctx, cfg.lora)
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv=None) -> dict:
+    """python -m nemo_neo.peft.kd_lora [--config conf/kd_lora.yaml] key=value ... (OmegaConf dotlist)."""
+    import sys
+
+    from omegaconf import OmegaConf
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    conf_path = Path(__file__).resolve().parents[2] / "conf" / "kd_lora.yaml"
+    if argv[:1] == ["--config"]:
+        conf_path, argv = Path(argv[1]), argv[2:]
+    conf = OmegaConf.merge(OmegaConf.load(conf_path), OmegaConf.from_dotlist(argv))
+    data = OmegaConf.to_container(conf, resolve=True)
+    data.pop("paper", None)  # documentation only
+    if data.get("glue_root") is None:
+        data["glue_root"] = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "glue")
+    data["teacher"] = StageConfig(**data.get("teacher", {}))
+    data["student"] = StageConfig(**data.get("student", {}))
+    data["lora"] = LoRAConfig(**data.get("lora", {}))
+    task, method = data.pop("task"), data.pop("method")
+    result = run_task(task, method, KDLoRATaskConfig(task=task, method=method, **data))
+    print(json.dumps({k: result[k] for k in result if k not in ("config",)}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

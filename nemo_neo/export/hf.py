@@ -1,0 +1,107 @@
+"""Hugging Face export of any nemo_neo checkpoint (teacher, pruned, distilled, LoRA-merged).
+
+The checkpoint format stores whole tensors under megatron-core names, so export is a rename
+(`nemo_neo.checkpoint.convert.convert_neo_to_hf`) plus checks that make the output usable by the
+tools that read it next (transformers, lm-eval's `hf` model, TensorRT-LLM, vLLM): it must carry a
+tokenizer, and an existing non-empty output is refused unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from nemo_neo.checkpoint import atomic
+from nemo_neo.checkpoint.hf_io import TOKENIZER_FILES, has_tokenizer
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ExportError(ValueError):
+    """The export cannot run as asked (one line: the problem and the fix)."""
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def is_neo_checkpoint(path) -> bool:
+    return (Path(path) / "nemo_neo.json").is_file()
+
+
+def is_hf_dir(path) -> bool:
+    return (Path(path) / "config.json").is_file() and not is_neo_checkpoint(path)
+
+
+def tokenizer_source(ckpt, tokenizer=None) -> Path:
+    """Where the output's tokenizer files come from, or one clear error."""
+    src = Path(tokenizer) if tokenizer else Path(ckpt)
+    if not has_tokenizer(src):
+        raise ExportError(
+            f"{src} has no tokenizer files (tokenizer.json / tokenizer.model / vocab.json); the exported model would be "
+            "unusable by transformers, lm-eval and TensorRT-LLM. Copy them into the checkpoint or pass --tokenizer <dir>."
+        )
+    return src
+
+
+def check_source(ckpt) -> Path:
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise ExportError(f"{ckpt} does not exist or is not a directory; pass a nemo_neo checkpoint (or HF model) directory.")
+    if not (is_neo_checkpoint(ckpt) or is_hf_dir(ckpt)):
+        raise ExportError(f"{ckpt} is neither a nemo_neo checkpoint (nemo_neo.json) nor a Hugging Face model (config.json).")
+    return ckpt
+
+
+def copy_tokenizer(src, dst) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file() and not (Path(dst) / name).exists():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def export_hf(ckpt, out, dtype="bfloat16", overwrite: bool = False, tokenizer=None) -> dict:
+    """nemo_neo checkpoint -> HF directory in `dtype` (bfloat16 is what TensorRT-LLM and vLLM serve).
+    Loads with transformers.AutoModelForCausalLM; logits match the checkpoint's (fp32: <= 1e-4)."""
+    from nemo_neo.checkpoint.convert import convert_neo_to_hf
+
+    atomic.check_output_dir(out, overwrite)
+    ckpt = check_source(ckpt)
+    if not is_neo_checkpoint(ckpt):
+        raise ExportError(f"{ckpt} is already a Hugging Face directory; there is nothing to export (use it directly).")
+    tok = tokenizer_source(ckpt, tokenizer)
+    report = convert_neo_to_hf(ckpt, out, overwrite=overwrite, dtype=resolve_dtype(dtype))
+    copy_tokenizer(tok, out)
+    report.update(dtype=str(resolve_dtype(dtype) or "as stored").replace("torch.", ""), has_tokenizer=has_tokenizer(out))
+    return report
+
+
+@contextmanager
+def as_hf_dir(ckpt, dtype="float32", tokenizer=None):
+    """Yield an HF directory for `ckpt`: the directory itself when it already is one, else a
+    temporary export (removed afterwards). Used by FP8 export and the throughput tool."""
+    ckpt = check_source(ckpt)
+    if is_hf_dir(ckpt):
+        tokenizer_source(ckpt, tokenizer)
+        yield ckpt
+        return
+    with tempfile.TemporaryDirectory(prefix="nemo_neo_hf_") as tmp:
+        out = Path(tmp) / "hf"
+        export_hf(ckpt, out, dtype=dtype, tokenizer=tokenizer)
+        yield out
+
+
+def read_config(path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())

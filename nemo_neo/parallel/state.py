@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -61,12 +61,6 @@ class ParallelContext:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def validate_layout(world_size: int, tp: int, pp: int) -> int:
     """Return the data-parallel size, or raise one clear error."""
     if tp < 1 or pp < 1:
@@ -87,17 +81,21 @@ def initialize(config: ParallelConfig | None = None) -> ParallelContext:
     cuda = torch.cuda.is_available()
     cpu_compat.activate_if_needed()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `python` run: a world of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        world_size = int(os.environ["WORLD_SIZE"])
+        single = "RANK" not in os.environ  # a plain `python` run: a world of one
+        world_size = 1 if single else int(os.environ["WORLD_SIZE"])
         validate_layout(world_size, config.tensor_parallel, config.pipeline_parallel)
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        extra = {}
+        if single:  # a file store needs no TCP port, so concurrent single-process runs cannot collide
+            fd, store = tempfile.mkstemp(prefix="nemo_neo_pg_")
+            os.close(fd)
+            os.unlink(store)
+            extra = dict(init_method=f"file://{store}", rank=0, world_size=1)
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
             timeout=datetime.timedelta(minutes=config.timeout_minutes),
+            **extra,
         )
     world_size = dist.get_world_size()
     dp = validate_layout(world_size, config.tensor_parallel, config.pipeline_parallel)

@@ -38,6 +38,12 @@ def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, cal
     from nemo_neo.parallel import initialize
 
     start = time.perf_counter()
+    from nemo_neo.checkpoint.hf_io import CheckpointError, has_tokenizer
+
+    needs_text = (any(k in WIDTH_KEYS for k in target) and not scores_path) or ("num_layers" in target and not drop)
+    if needs_text and not has_tokenizer(ckpt):  # before any heavy work
+        raise CheckpointError(f"{ckpt} has no tokenizer files, so calibration text cannot be tokenized; convert the "
+                              "model with its tokenizer, or pass importance scores with --scores")
     arch, state, _ = load_full_state(ckpt)
     pruned_arch(arch, target, tp, pp)  # validate the whole target before any work
     width = {k: v for k, v in target.items() if k in WIDTH_KEYS}

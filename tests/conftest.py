@@ -98,6 +98,16 @@ def smollm2_ckpt():
     return default_teacher_checkpoint()
 
 
+@pytest.fixture
+def one_thread():
+    """Token-by-token decoding is many tiny matmuls: one thread is as fast on an idle 2-core
+    machine and far faster on a busy one (OpenMP threads waiting for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def parallel_ctx():
     """A single-process world (TP=PP=1) for in-process model tests."""

@@ -88,16 +88,6 @@ def test_rolling_loglikelihood_matches_lm_eval_hf(neo_lm, hf_lm, monkeypatch):
     assert ours == pytest.approx(ref, abs=1e-4)
 
 
-@pytest.fixture
-def one_thread():
-    """Token-by-token decoding is many tiny matmuls: one thread is as fast on an idle 2-core
-    machine and far faster on a busy one (OpenMP threads waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_generate_until_equals_transformers_greedy(neo_lm, hf_lm, one_thread):
     requests = generation_requests(max_gen_toks=10)
     requests.append(("The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",

@@ -48,16 +48,6 @@ PROMPTS = [
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture
-def one_thread():
-    """Token-by-token decoding is many tiny matmuls: one thread is as fast on an idle 2-core
-    machine and far faster on a busy one (OpenMP threads waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def exported(smollm2_ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")

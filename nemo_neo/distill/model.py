@@ -8,6 +8,10 @@ tells the schedule), and on the last stage it returns both logits so the loss (v
 chunked) is computed there. Only the student learns: the teacher is in eval mode, its parameters
 have requires_grad=False (so DDP gives them no grad buffers and the optimizer no state) and it
 runs under no_grad. Checkpoints are written from `pair.student` alone.
+
+With `train_teacher=True` (teacher correction "in parallel" with distillation) the teacher keeps
+learning from its own LM loss: it runs with gradients and its hidden states travel between stages
+undetached; the KD term still sees detached teacher logits (see `objective.kd_with_correction_loss_fn`).
 """
 
 from __future__ import annotations
@@ -52,10 +56,11 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class DistillationPair(torch.nn.Module):
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, train_teacher: bool = False):
         super().__init__()
         self.student = student
-        self.teacher = freeze(teacher)
+        self.train_teacher = train_teacher
+        self.teacher = teacher if train_teacher else freeze(teacher)
         self.config = student.config  # megatron's schedule reads the model's config
         self.student_hidden = student.config.hidden_size
         self.teacher_hidden = teacher.config.hidden_size
@@ -82,7 +87,8 @@ class DistillationPair(torch.nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # the teacher never leaves eval mode
+        if not self.train_teacher:
+            self.teacher.eval()  # a frozen teacher never leaves eval mode
         return self
 
     def set_input_tensor(self, input_tensor):
@@ -93,11 +99,13 @@ class DistillationPair(torch.nn.Module):
             return
         student_part, teacher_part = tensor.split([self.student_hidden, self.teacher_hidden], dim=-1)
         self.student.set_input_tensor([student_part])
-        self.teacher.set_input_tensor([teacher_part.detach().to(self.teacher.config.params_dtype)])
+        if not self.train_teacher:
+            teacher_part = teacher_part.detach()
+        self.teacher.set_input_tensor([teacher_part.to(self.teacher.config.params_dtype)])
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None):
         student_out = self.student(input_ids, position_ids=None, attention_mask=None)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.train_teacher and torch.is_grad_enabled()):
             teacher_out = self.teacher(input_ids, position_ids=None, attention_mask=None)
         if self.post_process:
             return student_out, teacher_out  # both [b, s, V/TP]: the loss runs on this stage

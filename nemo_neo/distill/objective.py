@@ -41,6 +41,27 @@ def lm_loss_fn(tp_group=None, chunk_tokens="auto"):
     return loss_fn
 
 
+def kd_with_correction_loss_fn(config: KDLossConfig, tp_group=None, chunk_tokens="auto"):
+    """loss_fn for a DistillationPair whose teacher is corrected while the student distills:
+    KD(student || detached teacher) + CE(teacher). The two terms touch disjoint parameters, so the
+    sum trains each model on its own objective in one backward pass."""
+    teacher_ce = KDLossConfig(kind="ce_kl", alpha=1.0, chunk_tokens=chunk_tokens)
+
+    def loss_fn(outputs, batch):
+        student_logits, teacher_logits = outputs
+        mask = batch.get("loss_mask")
+        kd = distillation_loss(student_logits, teacher_logits.detach(), config, labels=batch["labels"],
+                               loss_mask=mask, tp_group=tp_group)
+        ce = distillation_loss(teacher_logits, teacher_logits.detach(), teacher_ce, labels=batch["labels"],
+                               loss_mask=mask, tp_group=tp_group)
+        loss_sum, tokens, report = _schedule_outputs(kd)
+        report["teacher_loss_sum"] = ce.loss_sum.detach().clone()
+        return loss_sum + ce.loss_sum, tokens, report
+
+    loss_fn.extra_sums = ("teacher_loss_sum",)
+    return loss_fn
+
+
 @torch.no_grad()
 def distillation_metrics(pair, ctx, rows: torch.Tensor, micro_batch_size: int, tp_group=None) -> dict:
     """Student LM loss and forward KL(teacher || student) per token on held-out rows."""

@@ -7,8 +7,9 @@ import torch
 from nemo_neo.checkpoint.native import read_index
 from nemo_neo.distill.losses import KDLossConfig
 from nemo_neo.distill.model import DistillationPair, check_teacher_compatible
-from nemo_neo.distill.objective import distillation_metrics, kd_loss_fn
+from nemo_neo.distill.objective import distillation_metrics, kd_loss_fn, kd_with_correction_loss_fn
 from nemo_neo.models.load import load_model
+from nemo_neo.train import state as ckpt_state
 from nemo_neo.train.loop import TrainConfig, Trainer
 
 
@@ -17,7 +18,8 @@ def default_dtype():
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-def build_pair(ctx, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, recompute_activations=False):
+def build_pair(ctx, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, recompute_activations=False,
+               train_teacher=False):
     """Student (trainable) and frozen teacher stages for this rank. `teacher_dtype` may be lower
     precision than the student's; `recompute_activations` recomputes each student layer in backward."""
     student_arch, _ = read_index(student_ckpt)
@@ -27,16 +29,19 @@ def build_pair(ctx, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, 
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute_activations else {}
     student, _, _ = load_model(student_ckpt, ctx, dtype, **recompute)
     teacher, _, _ = load_model(teacher_ckpt, ctx, teacher_dtype or dtype)
-    return DistillationPair(student, teacher), student_arch
+    return DistillationPair(student, teacher, train_teacher=train_teacher), student_arch
 
 
 def distill(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: TrainConfig, run_dir,
             loss_cfg: KDLossConfig | None = None, eval_micro_batch_size: int = 4, prepare_student=None,
-            **pair_options) -> dict:
+            correct_teacher_lr: tuple[float, float] | None = None, **pair_options) -> dict:
     """Train the student on KD(teacher) over `train_rows`; checkpoints (student only) and logs in run_dir.
-    `prepare_student(student)` runs before training (e.g. LLM-Neo puts LoRA adapters on it)."""
+    `prepare_student(student)` runs before training (e.g. LLM-Neo puts LoRA adapters on it).
+    correct_teacher_lr=(max_lr, min_lr): teacher correction in parallel: the teacher also trains, on
+    its LM loss at these rates, and is saved beside each student checkpoint (result["teacher_checkpoint"])."""
     loss_cfg = loss_cfg or KDLossConfig(kind="forward_kl")
-    pair, student_arch = build_pair(ctx, student_ckpt, teacher_ckpt, **pair_options)
+    in_parallel = correct_teacher_lr is not None
+    pair, student_arch = build_pair(ctx, student_ckpt, teacher_ckpt, train_teacher=in_parallel, **pair_options)
     if prepare_student is not None:
         prepare_student(pair.student)
     tp_group = ctx.tp_group if ctx.tp_size > 1 else None
@@ -45,9 +50,18 @@ def distill(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: 
         return distillation_metrics(pair, ctx, valid_rows, eval_micro_batch_size, tp_group)
 
     before = evaluate(pair)
-    trainer = Trainer(ctx, pair, student_arch, kd_loss_fn(loss_cfg, tp_group), train_rows, train_cfg, run_dir,
+    extra = {}
+    loss_fn = kd_loss_fn(loss_cfg, tp_group)
+    if in_parallel:
+        teacher_arch, _ = read_index(teacher_ckpt)
+        loss_fn = kd_with_correction_loss_fn(loss_cfg, tp_group)
+        extra = dict(lr_overrides={"*teacher.*": correct_teacher_lr}, companion=("teacher", pair.teacher, teacher_arch))
+    trainer = Trainer(ctx, pair, student_arch, loss_fn, train_rows, train_cfg, run_dir,
                       name="distill", evaluate=evaluate, tokenizer_src=student_ckpt, checkpoint_module=pair.student,
-                      adjust_tensor_shapes_fn=pair.pair_tensor_shapes)
+                      adjust_tensor_shapes_fn=pair.pair_tensor_shapes, **extra)
     result = trainer.fit()
     result["before"] = before
+    result["checkpoint"] = str(ckpt_state.latest_checkpoint(trainer.ckpt_root))
+    if in_parallel:
+        result["teacher_checkpoint"] = str(trainer.companion_checkpoint(train_cfg.steps))
     return result

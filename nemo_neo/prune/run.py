@@ -31,9 +31,12 @@ def _calibration_rows(ckpt, calib_data, seq_length: int, num_samples: int):
 def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, calib_data=None, num_samples: int = 1024,
                      seq_length: int = 256, scores_path=None, save_scores_path=None, tp: int = 1, pp: int = 1,
                      overwrite: bool = False, importance: ImportanceConfig | None = None, depth_metric: str = "loss",
-                     task_limit: int | None = None, data_dir=None) -> dict:
+                     task_limit: int | None = None, data_dir=None, ctx=None, calib_rows=None, valid_rows=None) -> dict:
     """depth_metric: "loss" (LM validation loss on held-out calibration text) or "task:<lm-eval task>"
-    (accuracy, e.g. task:neo_winogrande with data_dir=../shared/data)."""
+    (accuracy, e.g. task:neo_winogrande with data_dir=../shared/data).
+    ctx: run inside an already initialized (torchrun) job: every rank calibrates its model shard
+    (TP/PP), the main rank writes, all return together. calib_rows / valid_rows: token rows to
+    calibrate on / rank layers by instead of reading `calib_data`."""
     from nemo_neo.models.load import load_model
     from nemo_neo.parallel import initialize
 
@@ -41,7 +44,7 @@ def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, cal
     from nemo_neo.checkpoint.hf_io import CheckpointError, has_tokenizer
 
     needs_text = (any(k in WIDTH_KEYS for k in target) and not scores_path) or ("num_layers" in target and not drop)
-    if needs_text and not has_tokenizer(ckpt):  # before any heavy work
+    if needs_text and calib_rows is None and not has_tokenizer(ckpt):  # before any heavy work
         raise CheckpointError(f"{ckpt} has no tokenizer files, so calibration text cannot be tokenized; convert the "
                               "model with its tokenizer, or pass importance scores with --scores")
     arch, state, _ = load_full_state(ckpt)
@@ -50,8 +53,11 @@ def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, cal
     report: dict = {"source": str(ckpt), "target": target}
     needs_model = bool(width) or ("num_layers" in target and not drop)
     if needs_model:
-        ctx = initialize()
-        train, valid = _calibration_rows(ckpt, calib_data, seq_length, num_samples)
+        ctx = ctx or initialize()
+        if calib_rows is not None:
+            train, valid = calib_rows, valid_rows
+        else:
+            train, valid = _calibration_rows(ckpt, calib_data, seq_length, num_samples)
     if width:
         if scores_path:
             scores = load_scores(scores_path)
@@ -84,11 +90,17 @@ def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, cal
     if drop:
         arch, state = drop_layers(arch, state, drop)
         report["dropped_layers"] = sorted(set(drop))
-    out = save_full_state(out, arch, state, lambda dst: copy_tokenizer_files(Path(ckpt), dst),
-                          metadata={"pruning": report}, overwrite=overwrite)
-    if depth_result is not None:
-        from nemo_neo.prune.depth_search import write_report
+    main = ctx is None or ctx.is_main
+    if main:
+        out = save_full_state(out, arch, state, lambda dst: copy_tokenizer_files(Path(ckpt), dst),
+                              metadata={"pruning": report}, overwrite=overwrite)
+        if depth_result is not None:
+            from nemo_neo.prune.depth_search import write_report
 
-        write_report(depth_result, Path(out) / "pruning")
+            write_report(depth_result, Path(out) / "pruning")
+    if ctx is not None and ctx.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the others continue once the pruned checkpoint exists
     report.update(out=str(out), parameters=arch.num_parameters(), seconds=round(time.perf_counter() - start, 2))
     return report

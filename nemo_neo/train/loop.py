@@ -55,11 +55,15 @@ class Trainer:
     loss_fn(output, batch) -> (loss_sum, num_tokens:int tensor, report) on the last stage; the
     gradient is that of sum(loss_sum) / sum(num_tokens) over the global batch.
     evaluate(model) -> dict of validation metrics (every rank calls it).
+    companion: (label, module, arch) of a second model that trains too and is saved beside each
+    checkpoint as `<label>_step_N` (e.g. the teacher corrected while the student distills), so a
+    resume restores both. lr_overrides: see `build_optimizer`.
     """
 
     def __init__(self, ctx, model, arch, loss_fn: Callable, train_rows: torch.Tensor, cfg: TrainConfig,
                  run_dir, name: str, evaluate: Callable | None = None, tokenizer_src=None,
-                 checkpoint_module: torch.nn.Module | None = None, adjust_tensor_shapes_fn=None):
+                 checkpoint_module: torch.nn.Module | None = None, adjust_tensor_shapes_fn=None,
+                 lr_overrides: dict | None = None, companion: tuple | None = None):
         from nemo_neo.data.dataset import DistributedBatchSampler
 
         self.ctx, self.arch, self.cfg, self.name = ctx, arch, cfg, name
@@ -72,7 +76,8 @@ class Trainer:
         self.model = model
         self.saved_module = checkpoint_module or model  # e.g. the student of a DistillationPair
         self.ddp = wrap_ddp(model)
-        self.optimizer, self.scheduler = build_optimizer(self.ddp, cfg.optim, cfg.steps)
+        self.optimizer, self.scheduler = build_optimizer(self.ddp, cfg.optim, cfg.steps, lr_overrides)
+        self.companion = companion
         self.sampler = DistributedBatchSampler(len(train_rows), cfg.global_batch_size, cfg.micro_batch_size,
                                                ctx.dp_rank, ctx.dp_size, cfg.seed)
         self.history: list[dict] = []
@@ -96,7 +101,16 @@ class Trainer:
             with open(self.run_dir / f"{self.name}_log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def companion_checkpoint(self, step: int) -> Path:
+        return self.ckpt_root / f"{self.companion[0]}_step_{step:07d}"
+
     def _save(self, step: int, metrics: dict) -> None:
+        if self.companion is not None:  # before the main checkpoint, whose pointer move commits both
+            from nemo_neo.checkpoint.native import save_distributed
+
+            _, module, arch = self.companion
+            save_distributed(self.companion_checkpoint(step), arch, module, self.ctx, tokenizer_src=self.tokenizer_src,
+                             metadata={"step": step}, overwrite=True)
         ckpt_state.save_training_checkpoint(self.ckpt_root, step, self.arch, self.saved_module, self.ctx,
                                             self.optimizer, self.scheduler, self.sampler,
                                             tokenizer_src=self.tokenizer_src, metrics=metrics)
@@ -108,6 +122,11 @@ class Trainer:
         if latest is not None:
             start = ckpt_state.load_training_checkpoint(latest, self.arch, self.saved_module, ctx,
                                                         self.optimizer, self.scheduler, self.sampler)
+            if self.companion is not None:
+                from nemo_neo.checkpoint.native import load_into_model
+
+                _, module, arch = self.companion
+                load_into_model(self.companion_checkpoint(start), module, arch, ctx)
         if self.writer is not None and start == 0:
             (self.run_dir / f"{self.name}_log.jsonl").unlink(missing_ok=True)
         batches = iter(self.sampler)
@@ -121,10 +140,13 @@ class Trainer:
             self.optimizer.zero_grad()
             reports = run_microbatches(self.ddp, self._microbatches(next(batches)), self.loss_fn,
                                        adjust_tensor_shapes_fn=self.adjust)
-            sums = torch.zeros(2, dtype=torch.float64)
+            # loss_sum / tokens is the loss; the "<name>_sum"s a loss_fn declares in `extra_sums` are logged
+            # per token too (declared, not read from reports: stages without the loss must reduce as many)
+            extra = list(getattr(self.loss_fn, "extra_sums", ()))
+            sums = torch.zeros(2 + len(extra), dtype=torch.float64)
             for r in reports:
-                sums += torch.stack([r["loss_sum"].double().cpu(), r["tokens"].double().cpu()])
-            loss_sum, tokens = sum_from_last_stage(sums, ctx).tolist()
+                sums += torch.stack([r[k].double().cpu() for k in ("loss_sum", "tokens", *extra)])
+            loss_sum, tokens, *extra_sums = sum_from_last_stage(sums, ctx).tolist()
             loss = loss_sum / max(tokens, 1.0)
             if not math.isfinite(loss):
                 kept = ckpt_state.latest_checkpoint(self.ckpt_root)
@@ -137,7 +159,8 @@ class Trainer:
             self.scheduler.step(1)
             elapsed = time.perf_counter() - t0
             metrics = {"loss": loss, "lr": current_lr(self.optimizer), "grad_norm": float(grad_norm or 0.0),
-                       "tokens_per_s": tokens_per_step / elapsed, "peak_memory_gb": peak_memory_bytes() / 2**30}
+                       "tokens_per_s": tokens_per_step / elapsed, "peak_memory_gb": peak_memory_bytes() / 2**30,
+                       **{k[: -len("_sum")]: v / max(tokens, 1.0) for k, v in zip(extra, extra_sums)}}
             if self.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 metrics.update({f"val_{k}": v for k, v in self.evaluate(self.model).items()})
             self._log(step, metrics)

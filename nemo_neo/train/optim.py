@@ -26,8 +26,12 @@ class OptimConfig:
     use_distributed_optimizer: bool = False
 
 
-def build_optimizer(ddp_model, cfg: OptimConfig, total_steps: int):
+def build_optimizer(ddp_model, cfg: OptimConfig, total_steps: int, lr_overrides: dict | None = None):
+    """lr_overrides: {parameter-name glob: (max_lr, min_lr)} for parameter groups that follow the same
+    schedule shape at other rates (e.g. a teacher corrected while its student distills)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+    from megatron.core.optimizer.optimizer_config import ParamKey
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     module_config = ddp_model.config
@@ -45,7 +49,10 @@ def build_optimizer(ddp_model, cfg: OptimConfig, total_steps: int):
         params_dtype=module_config.params_dtype,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    overrides = None
+    if lr_overrides:
+        overrides = {ParamKey(name=glob): ParamGroupOverride(max_lr=hi, min_lr=lo) for glob, (hi, lo) in lr_overrides.items()}
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model], config_overrides=overrides)
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -1,0 +1,194 @@
+"""One entry point for the LM-setting student-training baselines of the LLM-Neo paper.
+
+    sft      full-parameter fine-tune on the text, cross-entropy only (no teacher in training)
+    lora     LoRA adapters on the student, cross-entropy only (no teacher in training)
+    kd       full-parameter logit distillation from the teacher: forward KL (Minitron), or
+             alpha * CE + (1 - alpha) * KL with kd_loss="ce_kl"
+    llm_neo  LoRA adapters trained with alpha * CE + (1 - alpha) * KL(teacher || student), no T^2
+             factor (Yang et al., 2024)
+
+All four run through the same `Trainer` (resumable checkpoints, TensorBoard, progress bar) at any
+TP/PP layout, and all four are validated the same way before and after training: the student's
+LM loss and, whenever a teacher checkpoint is given, KL(teacher || student) per token, so the
+methods can be compared on one scale. sft / lora keep the teacher out of training (no teacher
+weights in memory while the student trains): it is loaded only for those two evaluations, and
+their periodic validation during training is the LM loss alone.
+
+The result is one full student checkpoint at `out_ckpt` (for the LoRA methods the adapters merged
+into the base weights, so it converts and evaluates like any other checkpoint; the adapters are
+also saved alone, small, to <run_dir>/adapters.safetensors).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nemo_neo.checkpoint.native import read_index, save_distributed
+from nemo_neo.distill.losses import LOSS_KINDS, KDLossConfig
+from nemo_neo.distill.model import DistillationPair, check_teacher_compatible
+from nemo_neo.distill.objective import distillation_metrics, lm_loss_fn
+from nemo_neo.distill.run import default_dtype, distill
+from nemo_neo.models.load import load_model
+from nemo_neo.peft.apply import LoRAConfig, apply_lora, merge_lora, save_adapters, trainable_report
+from nemo_neo.train.loop import TrainConfig, Trainer
+
+METHODS = ("sft", "lora", "kd", "llm_neo")
+LORA_METHODS = ("lora", "llm_neo")
+TEACHER_TRAINED_METHODS = ("kd", "llm_neo")  # the teacher's logits are part of the training loss
+ADAPTERS_FILE = "adapters.safetensors"
+
+
+class MethodConfigError(ValueError):
+    pass
+
+
+@dataclass
+class MethodConfig:
+    """method: one of METHODS (see the module docstring).
+    alpha: weight of CE in alpha * CE + (1 - alpha) * KL (llm_neo, and kd with kd_loss="ce_kl").
+    temperature: softening of both distributions in the KL (kd, llm_neo).
+    kd_loss: the loss kind of `kd` (any of nemo_neo.distill.losses.LOSS_KINDS).
+    lora: the adapters of lora / llm_neo (paper defaults: rank 128 on every linear layer)."""
+
+    method: str = "kd"
+    alpha: float = 0.5
+    temperature: float = 1.0
+    kd_loss: str = "forward_kl"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Also called by `train_student`: a Hydra-merged config never runs __post_init__."""
+        if self.method not in METHODS:
+            raise MethodConfigError(f"unknown training method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.kd_loss not in LOSS_KINDS:
+            raise MethodConfigError(f"unknown kd_loss {self.kd_loss!r}; choose one of {', '.join(LOSS_KINDS)}")
+        self.training_loss()  # alpha and temperature ranges
+        if self.uses_lora:
+            self.lora.resolved_targets()
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in LORA_METHODS
+
+    @property
+    def trains_on_teacher(self) -> bool:
+        return self.method in TEACHER_TRAINED_METHODS
+
+    def training_loss(self) -> KDLossConfig | None:
+        """The distillation loss of kd / llm_neo; None for the CE-only methods."""
+        try:
+            if self.method == "llm_neo":
+                return KDLossConfig(kind="ce_kl", alpha=self.alpha, temperature=self.temperature, t2_scaling=False)
+            if self.method == "kd":
+                return KDLossConfig(kind=self.kd_loss, alpha=self.alpha, temperature=self.temperature)
+        except ValueError as e:
+            raise MethodConfigError(f"method {self.method!r}: {e}") from None
+        return None
+
+
+def _load_teacher_for_eval(ctx, student_arch, student_ckpt, teacher_ckpt, dtype):
+    teacher_arch, _ = read_index(teacher_ckpt)
+    check_teacher_compatible(student_arch, teacher_arch, student_ckpt, teacher_ckpt)
+    teacher, _, _ = load_model(teacher_ckpt, ctx, dtype)
+    return teacher
+
+
+def validation_metrics(ctx, student, student_arch, student_ckpt, valid_rows, micro_batch_size: int,
+                       teacher_ckpt=None, teacher_dtype=None) -> dict:
+    """LM loss (and KL(teacher || student) when a teacher is given) of `student` on `valid_rows`.
+    The teacher is loaded for this call only and released after it. No rows: no metrics ({})."""
+    if len(valid_rows) == 0:
+        return {}
+    if teacher_ckpt is None:
+        from nemo_neo.eval.lm_loss import validation_loss
+
+        was_training = student.training
+        metrics = validation_loss(student, ctx, valid_rows, micro_batch_size, desc="validation")
+        student.train(was_training)
+        return {"loss": metrics["loss"], "perplexity": metrics["perplexity"]}
+    teacher_dtype = teacher_dtype or student.config.params_dtype
+    pair = DistillationPair(student, _load_teacher_for_eval(ctx, student_arch, student_ckpt, teacher_ckpt, teacher_dtype))
+    tp_group = ctx.tp_group if ctx.tp_size > 1 else None
+    metrics = distillation_metrics(pair, ctx, valid_rows, micro_batch_size, tp_group)
+    del pair
+    gc.collect()
+    return metrics
+
+
+def _train_on_labels(ctx, method: MethodConfig, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg,
+                     run_dir, eval_micro_batch_size, prepare_student, dtype=None, teacher_dtype=None,
+                     recompute_activations=False) -> dict:
+    """sft / lora: the student alone trains on next-token CE; the teacher only validates."""
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute_activations else {}
+    student, arch, _ = load_model(student_ckpt, ctx, dtype or default_dtype(), **recompute)
+    prepare_student(student)
+    before = validation_metrics(ctx, student, arch, student_ckpt, valid_rows, eval_micro_batch_size, teacher_ckpt, teacher_dtype)
+
+    def evaluate(_model):  # periodic validation while training: the LM loss, without the teacher
+        return validation_metrics(ctx, student, arch, student_ckpt, valid_rows, eval_micro_batch_size)
+
+    tp_group = ctx.tp_group if ctx.tp_size > 1 else None
+    trainer = Trainer(ctx, student, arch, lm_loss_fn(tp_group), train_rows, train_cfg, run_dir, name=method.method,
+                      evaluate=evaluate if len(valid_rows) else None, tokenizer_src=student_ckpt)
+    result = trainer.fit()
+    result["before"] = before
+    result["after"] = validation_metrics(ctx, student, arch, student_ckpt, valid_rows, eval_micro_batch_size,
+                                         teacher_ckpt, teacher_dtype)
+    return result
+
+
+def _after_from_final(final: dict) -> dict | None:
+    """distill() validates at its last step (val_kl / val_loss / val_perplexity); None when the
+    run resumed from its last checkpoint and took no step."""
+    after = {k.removeprefix("val_"): v for k, v in final.items() if k.startswith("val_")}
+    return after if "kl" in after else None
+
+
+def train_student(ctx, method: MethodConfig, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: TrainConfig,
+                  run_dir, out_ckpt=None, eval_micro_batch_size: int = 4, **pair_options) -> dict:
+    """Train the student with `method`; write the final full student checkpoint to `out_ckpt`
+    (default <run_dir>/final, atomically). Collective: every rank of the TP/PP/DP world calls it.
+
+    teacher_ckpt: required by kd / llm_neo; optional for sft / lora (then only the LM loss is reported).
+    pair_options: dtype, teacher_dtype, recompute_activations (as `build_pair`).
+    Returns {method, before, after, history, final, resumed_from, trainable, checkpoint[, adapters]};
+    before / after hold the validation loss, perplexity and (with a teacher) kl."""
+    method.validate()
+    if method.trains_on_teacher and teacher_ckpt is None:
+        raise MethodConfigError(f"method {method.method!r} distils from a teacher: pass teacher_ckpt")
+    run_dir = Path(run_dir)
+    out_ckpt = Path(out_ckpt) if out_ckpt is not None else run_dir / "final"
+    prepared = {}
+
+    def prepare(student):
+        if method.uses_lora:
+            apply_lora(student, method.lora, ctx)
+        prepared["student"] = student
+        prepared["trainable"] = trainable_report(student)
+
+    if method.trains_on_teacher:
+        result = distill(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg, run_dir,
+                         method.training_loss(), eval_micro_batch_size, prepare_student=prepare, **pair_options)
+    else:
+        result = _train_on_labels(ctx, method, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg, run_dir,
+                                  eval_micro_batch_size, prepare, **pair_options)
+    student = prepared["student"]
+    arch, _ = read_index(student_ckpt)
+    if "after" not in result:
+        result["after"] = _after_from_final(result["final"]) or validation_metrics(
+            ctx, student, arch, student_ckpt, valid_rows, eval_micro_batch_size, teacher_ckpt,
+            pair_options.get("teacher_dtype"))
+    if method.uses_lora:
+        result["adapters"] = str(run_dir / ADAPTERS_FILE)
+        save_adapters(run_dir / ADAPTERS_FILE, student, arch, ctx, method.lora)
+        merge_lora(student)
+    save_distributed(out_ckpt, arch, student, ctx, tokenizer_src=student_ckpt, overwrite=True,
+                     metadata={"method": asdict(method), "steps": train_cfg.steps, "after": result["after"]})
+    result.update(method=method.method, trainable=prepared["trainable"], checkpoint=str(out_ckpt))
+    return result
+

@@ -1,0 +1,97 @@
+"""Run the recipe's stages in order inside one torchrun job (one node or several).
+
+Every rank runs this; the layout (TP x PP, DP = world / (TP x PP)) comes from the config and is
+validated against the world size first. A stage whose metrics.json exists is skipped, so rerunning
+the same command after a crash or a SIGKILL continues where the run stopped (an interrupted
+training stage resumes from its latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from nemo_neo.recipe import config as rc
+from nemo_neo.recipe.run_dir import RunDirectory
+from nemo_neo.recipe.stages import Recipe
+
+log = logging.getLogger("nemo_neo.recipe")
+
+
+def resolve_teacher(cfg, ctx, run: RunDirectory) -> Path:
+    """The teacher checkpoint: the one named (nemo_neo, or a Hugging Face directory converted once
+    into the run directory), or the embedded SmolLM2-135M-Instruct (converted once, cached)."""
+    from nemo_neo.export.hf import is_hf_dir, is_neo_checkpoint
+
+    named = cfg.teacher.checkpoint
+    if named and is_neo_checkpoint(named):
+        return Path(named)
+    if named and not is_hf_dir(named):
+        raise rc.RecipeConfigError(f"teacher.checkpoint={named} is neither a nemo_neo checkpoint (nemo_neo.json) nor a "
+                                   "Hugging Face directory (config.json + safetensors); point it at one of those")
+    if named:
+        from nemo_neo.checkpoint.convert import convert_hf_to_neo
+
+        out = run.root / "teacher"
+        if ctx.is_main and not is_neo_checkpoint(out):
+            convert_hf_to_neo(named, out, overwrite=True)
+        dist.barrier()
+        return out
+    from nemo_neo.models.default_teacher import default_teacher_checkpoint
+
+    if ctx.local_rank == 0:  # one process per node converts (once, cached); the others wait for it
+        default_teacher_checkpoint()
+    dist.barrier()
+    return default_teacher_checkpoint()
+
+
+def run(cfg: DictConfig) -> dict:
+    from nemo_neo.parallel import ParallelConfig, initialize
+
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter group
+    rc.check(cfg)  # names, modes, keys: before any process group or model
+    p = cfg.parallel
+    ctx = initialize(ParallelConfig(p.tensor_parallel, p.pipeline_parallel, p.seed, p.timeout_minutes))
+    run_dir = RunDirectory(cfg.run_dir, ctx.is_main)
+    state = run_dir.check(cfg)  # every rank checks before anyone writes
+    dist.barrier()
+    run_dir.record(cfg)
+    if ctx.is_main:
+        log.info("run_dir %s (%s): stages %s on %d rank(s), TP=%d PP=%d DP=%d", run_dir.root, state, list(cfg.stages),
+                 ctx.world_size, ctx.tp_size, ctx.pp_size, ctx.dp_size)
+    recipe = Recipe(cfg, ctx, run_dir, resolve_teacher(cfg, ctx, run_dir))
+    summary = {}
+    for stage in rc.STAGES:
+        if stage not in cfg.stages:
+            continue
+        done = run_dir.done(stage)
+        if done is not None:
+            if ctx.is_main:
+                log.info("%s: already finished (%s), skipped", stage, run_dir.metrics_file(stage))
+            summary[stage] = done
+            continue
+        start = time.perf_counter()
+        metrics = getattr(recipe, stage)()
+        metrics["seconds"] = round(time.perf_counter() - start, 1)
+        dist.barrier()  # every rank is past the stage before it is marked finished
+        run_dir.finish(stage, metrics)
+        summary[stage] = metrics
+        if ctx.is_main:
+            log.info("%s: done in %.0f s -> %s", stage, metrics["seconds"], run_dir.metrics_file(stage))
+    if ctx.is_main:
+        log.info("%s", headline(summary))
+    return summary
+
+
+def headline(summary: dict) -> str:
+    """One readable line per model the run evaluated."""
+    models = summary.get("evaluate", {}).get("models", {})
+    if not models:
+        return "finished: " + ", ".join(summary) if summary else "nothing to run"
+    rows = [f"  {label:<32} {m.get('parameters', 0) / 1e6:7.1f}M params  val loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}"
+            for label, m in models.items()]
+    return "validation loss per model:\n" + "\n".join(rows)

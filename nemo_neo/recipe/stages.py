@@ -1,0 +1,217 @@
+"""The recipe's stages: correct -> prune -> distill -> evaluate -> export.
+
+Each stage reads the checkpoints the earlier stages recorded in their metrics.json (or the one the
+config names), writes its own checkpoint under <run_dir>/<stage>/, and returns its metrics; the
+driver (`nemo_neo.recipe.driver`) skips stages that already finished and records the rest.
+Every rank of the torchrun job calls every stage; file writes happen on the main rank only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nemo_neo.recipe import config as rc
+
+
+def _barrier(ctx) -> None:
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
+class Recipe:
+    """What the stages share: the parallel context, the run directory, the config and the data."""
+
+    def __init__(self, cfg, ctx, run, teacher_ckpt: Path):
+        self.cfg, self.ctx, self.run = cfg, ctx, run
+        self.teacher = Path(teacher_ckpt)
+        self._rows = None
+
+    # --- data: tokenized once (cached across runs), identical on every rank ------------------------
+    def rows(self):
+        if self._rows is None:
+            from transformers import AutoTokenizer
+
+            from nemo_neo.data import load_token_rows
+            from nemo_neo.models.default_teacher import cache_root
+
+            d = self.cfg.data
+            tokenizer = AutoTokenizer.from_pretrained(str(self.teacher))
+
+            def load():
+                return load_token_rows(list(d.text_files), tokenizer, d.seq_length, d.valid_fraction,
+                                       max_train=d.max_train_sequences, max_valid=d.max_valid_sequences,
+                                       cache_dir=cache_root() / "tokens")
+
+            if self.ctx.local_rank == 0:  # one process per node tokenizes; the others read its cache
+                self._rows = load()
+            _barrier(self.ctx)
+            if self._rows is None:
+                self._rows = load()
+        return self._rows
+
+    # --- which checkpoint each stage starts from ----------------------------------------------------
+    def _recorded(self, stage: str, key: str = "checkpoint") -> Path | None:
+        done = self.run.done(stage)
+        return Path(done[key]) if done and done.get(key) else None
+
+    def corrected_teacher(self) -> Path:
+        """The teacher later stages use: the corrected one when correction ran, else the original."""
+        return self._recorded("correct") or self.teacher
+
+    def student_start(self) -> Path:
+        if self.cfg.distill.student:
+            return Path(self.cfg.distill.student)
+        pruned = self._recorded("prune")
+        if pruned is None:
+            raise rc.RecipeConfigError("the distill stage needs a student: run the prune stage first (stages=[..., prune, "
+                                       "distill]) or name one with distill.student=<checkpoint>")
+        return pruned
+
+    def distill_teacher(self) -> Path:
+        return Path(self.cfg.distill.teacher) if self.cfg.distill.teacher else self.corrected_teacher()
+
+    # --- stages ------------------------------------------------------------------------------------
+    def correct(self) -> dict:
+        """Teacher correction: a light LM fine-tune of the teacher on the distillation data."""
+        c = self.cfg.correct
+        source = Path(c.input) if c.input else self.teacher
+        if c.in_parallel:  # the teacher is corrected inside the distill stage instead
+            return {"mode": "in_parallel", "checkpoint": None, "source": str(source)}
+        from nemo_neo.distill.methods import MethodConfig, train_student
+
+        train, valid = self.rows()
+        out_dir = self.run.stage_dir("correct")
+        method = MethodConfig(method="sft" if c.mode == "full" else "lora", lora=rc.lora_config(c.lora, "correct.lora"))
+        result = train_student(self.ctx, method, source, None, train, valid, rc.train_config(c.train, "correct.train"),
+                               out_dir, out_ckpt=out_dir / "teacher")
+        return {"mode": c.mode, "source": str(source), **result}
+
+    def prune(self) -> dict:
+        from nemo_neo.prune.run import prune_checkpoint
+
+        p = self.cfg.prune
+        source = Path(p.input) if p.input else self.corrected_teacher()
+        train, valid = self.rows()
+        importance = rc.importance_config(p.importance, "prune.importance")
+        out = self.run.stage_dir("prune") / "student"
+        report = prune_checkpoint(source, out, dict(p.target or {}), drop=list(p.drop_layers or []) or None,
+                                  num_samples=importance.num_samples, importance=importance,
+                                  depth_metric=p.depth_metric, task_limit=p.task_limit, data_dir=p.data_dir,
+                                  overwrite=True, ctx=self.ctx, calib_rows=train, valid_rows=valid)
+        if p.random_init:  # baseline: the pruned shape with fresh weights
+            report["random_init"] = self._reinitialize(out)
+        report["checkpoint"] = str(out)
+        report["validation"] = self._validation_loss(out, "pruned student")
+        return report
+
+    def _reinitialize(self, ckpt: Path) -> int:
+        from nemo_neo.checkpoint.native import read_index, save_distributed
+        from nemo_neo.models.load import build_for_context
+        from megatron.core import tensor_parallel
+
+        arch, _ = read_index(ckpt)
+        seed = self.cfg.parallel.seed
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        model = build_for_context(arch, self.ctx)  # megatron-core's init (normal, std 0.02)
+        save_distributed(ckpt, arch, model, self.ctx, tokenizer_src=ckpt, metadata={"random_init": seed}, overwrite=True)
+        return seed
+
+    def _validation_loss(self, ckpt: Path, desc: str) -> dict:
+        from nemo_neo.eval import validation_loss
+        from nemo_neo.models.load import load_model
+
+        _, valid = self.rows()
+        model, arch, _ = load_model(ckpt, self.ctx)
+        metrics = validation_loss(model, self.ctx, valid, self.cfg.evaluate.micro_batch_size, desc=desc)
+        metrics["parameters"] = arch.num_parameters()
+        return metrics
+
+    def distill(self) -> dict:
+        d = self.cfg.distill
+        student, teacher = self.student_start(), self.distill_teacher()
+        train, valid = self.rows()
+        train_cfg = rc.train_config(d.train, "distill.train")
+        out_dir = self.run.stage_dir("distill")
+        if self.cfg.correct.in_parallel:
+            from nemo_neo.distill.run import distill
+
+            c = rc.train_config(self.cfg.correct.train, "correct.train").optim
+            result = distill(self.ctx, student, teacher, train, valid, train_cfg, out_dir,
+                             rc.kd_loss_config(d.loss, "distill.loss"), self.cfg.evaluate.micro_batch_size,
+                             correct_teacher_lr=(c.lr, c.min_lr))
+        else:
+            from nemo_neo.distill.methods import MethodConfig, train_student
+
+            loss = rc.kd_loss_config(d.loss, "distill.loss")
+            method = MethodConfig(method=d.method, alpha=loss.alpha, temperature=loss.temperature, kd_loss=loss.kind,
+                                  lora=rc.lora_config(d.lora, "distill.lora"))
+            result = train_student(self.ctx, method, student, teacher, train, valid, train_cfg, out_dir,
+                                   out_ckpt=out_dir / "student", eval_micro_batch_size=self.cfg.evaluate.micro_batch_size)
+        return {"method": "kd+correction" if self.cfg.correct.in_parallel else d.method, "student_start": str(student),
+                "teacher": str(teacher), **result}
+
+    def evaluate(self) -> dict:
+        """Validation loss of every model the run produced (same rows), lm-eval tasks if asked, plots."""
+        from nemo_neo.recipe import plots
+
+        models = {"teacher": self.teacher}
+        for label, stage, key in (("corrected teacher", "correct", "checkpoint"), ("pruned student", "prune", "checkpoint"),
+                                  ("distilled student", "distill", "checkpoint"),
+                                  ("teacher corrected in parallel", "distill", "teacher_checkpoint")):
+            path = self._recorded(stage, key)
+            if path is not None:
+                models[label] = path
+        results = {}
+        for label, path in models.items():
+            results[label] = {"checkpoint": str(path), **self._validation_loss(path, f"{label} validation")}
+            if self.cfg.evaluate.tasks:
+                results[label]["tasks"] = self._tasks(path)
+        if self.ctx.is_main:
+            out = self.run.stage_dir("evaluate")
+            plots.comparison(results, out / "comparison.png")
+            plots.loss_curves(self.run.root, out / "loss_curves.png")
+        return {"models": results}
+
+    def _tasks(self, ckpt: Path) -> dict:
+        from nemo_neo.eval.harness import accuracies, evaluate
+        from nemo_neo.eval.lm_eval_model import NeoLM
+
+        e = self.cfg.evaluate
+        lm = NeoLM(checkpoint=str(ckpt), ctx=self.ctx, batch_size=e.micro_batch_size)
+        results = evaluate(tasks=list(e.tasks), limit=e.task_limit, data_dir=e.data_dir, lm=lm, include_defaults=False)
+        return accuracies(results) if results is not None else {}
+
+    def export(self) -> dict:
+        x = self.cfg.export
+        source = Path(x.input) if x.input else (self._recorded("distill") or self._recorded("prune"))
+        if source is None:
+            raise rc.RecipeConfigError("the export stage needs a model: run distill (or prune) first, or name one with "
+                                       "export.input=<checkpoint>")
+        out_dir = self.run.stage_dir("export")
+        report = {"source": str(source)}
+        if self.ctx.is_main:
+            from nemo_neo.export.hf import export_hf
+
+            report["hf"] = export_hf(source, out_dir / "hf", dtype=x.dtype, overwrite=True)
+            if x.fp8:
+                from nemo_neo.export.fp8 import export_fp8
+
+                calib = list(self.cfg.data.text_files) or [self._default_text_file(out_dir)]
+                report["fp8"] = export_fp8(source, out_dir / "fp8", calib, calib_samples=x.fp8_calib_samples,
+                                           calib_seq_len=self.cfg.data.seq_length, overwrite=True)
+        _barrier(self.ctx)
+        report["checkpoint"] = str(out_dir / "hf")
+        return report
+
+    @staticmethod
+    def _default_text_file(out_dir: Path) -> Path:
+        from nemo_neo.data import default_corpus
+
+        path = out_dir / "calibration.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(default_corpus())
+        return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -135,3 +136,47 @@ def torchrun(script: str, nproc: int, *args, timeout: int = 300, extra=()) -> su
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(hf_model_factory, tmp_path_factory, smollm2_ckpt):
+    """Tiny random teacher/student with SmolLM2's 49152-token vocabulary and its real tokenizer."""
+    import shutil
+
+    from nemo_neo.checkpoint.convert import convert_hf_to_neo
+
+    tmp = tmp_path_factory.mktemp("tiny_pair")
+    for name, config in (("teacher", "tiny_teacher_smol_vocab"), ("student", "tiny_student_smol_vocab")):
+        convert_hf_to_neo(hf_model_factory(config), tmp / name)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(smollm2_ckpt / f, tmp / name / f)
+    (tmp / "corpus.txt").write_text((SHARED_DATA / "tinyshakespeare.txt").read_text()[:60000])
+    return tmp
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (torchrun starts its workers in process groups of their own)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launched torchrun agent and all its workers, as a crash or an OOM killer would."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()

@@ -3,16 +3,14 @@ a non-finite loss stops the run and keeps the last good checkpoint."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, free_port, torchrun
+from conftest import REPO, SHARED_DATA, free_port, kill_tree, torchrun
 
-from nemo_neo.checkpoint.convert import convert_hf_to_neo
 from nemo_neo.checkpoint.native import load_full_state
 from nemo_neo.prune import drop_layers_checkpoint
 
@@ -38,38 +36,6 @@ def test_distilling_real_teacher_into_half_depth_student(smollm2_ckpt, tmp_path)
     assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
 
 
-@pytest.fixture(scope="module")
-def tiny_pair(hf_model_factory, tmp_path_factory, smollm2_ckpt):
-    """Tiny random teacher/student with SmolLM2's 49152-token vocabulary and its real tokenizer."""
-    import shutil
-
-    tmp = tmp_path_factory.mktemp("tiny_pair")
-    for name, config in (("teacher", "tiny_teacher_smol_vocab"), ("student", "tiny_student_smol_vocab")):
-        convert_hf_to_neo(hf_model_factory(config), tmp / name)
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(smollm2_ckpt / f, tmp / name / f)
-    (tmp / "corpus.txt").write_text((SHARED_DATA / "tinyshakespeare.txt").read_text()[:60000])
-    return tmp
-
-
-def descendants(pid: int) -> list[int]:
-    """All processes below `pid` (torchrun starts its workers in process groups of their own)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def tiny_args(tmp, run_dir):
     return ["--student", tmp / "student", "--teacher", tmp / "teacher", "--run-dir", run_dir,
             "--data", tmp / "corpus.txt", "--steps", 60, "--save-every", 5, "--seq", 16, "--gbs", 4, "--mbs", 1]
@@ -93,12 +59,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_pair, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not latest.is_file():
         time.sleep(0.05)
-    for pid in [proc.pid, *descendants(proc.pid)]:  # the agent and both ranks (own sessions), mid-run
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+    kill_tree(proc)  # the agent and both ranks (own sessions), mid-run
     assert latest.is_file(), "the run never wrote a checkpoint"
     assert not (killed / "result.json").exists(), "the run finished before it could be killed"
     killed_at = json.loads(latest.read_text())["step"]

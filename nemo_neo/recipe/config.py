@@ -61,6 +61,10 @@ def importance_config(node, where: str) -> ImportanceConfig:
 
 def check(cfg: DictConfig) -> None:
     """Everything that can be checked without touching a model: stage names, modes, methods."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise RecipeConfigError(f"the config needs a value for {', '.join(missing)} (the preset marks them ???); set "
+                                "them on the command line, e.g. teacher.checkpoint=/path/to/checkpoint")
     stages = list(cfg.stages)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:

@@ -79,6 +79,7 @@ def run(cfg: DictConfig) -> dict:
         metrics["seconds"] = round(time.perf_counter() - start, 1)
         dist.barrier()  # every rank is past the stage before it is marked finished
         run_dir.finish(stage, metrics)
+        dist.barrier()  # and later stages on every rank read the checkpoints it recorded
         summary[stage] = metrics
         if ctx.is_main:
             log.info("%s: done in %.0f s -> %s", stage, metrics["seconds"], run_dir.metrics_file(stage))

@@ -27,7 +27,13 @@ def exit_on_user_error():
     try:
         yield
     except USER_ERRORS as e:
-        # every rank hits the same check; one line from the first is enough
-        if os.environ.get("RANK", "0") == "0":
+        # Checks that every rank makes print once (rank 0); an error only some ranks see still shows.
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
+        else:
+            from nemo_neo.recipe.config import RecipeConfigError as _same_everywhere
+
+            if not isinstance(e, _same_everywhere):
+                print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

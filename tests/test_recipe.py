@@ -112,6 +112,19 @@ def test_two_agents_on_loopback_train_the_same_losses_as_one_agent(tiny_pair, tm
         read_json(one / "distill" / "metrics.json")["final"]["val_loss"], rel=1e-6)
 
 
+def test_recipe_at_tp2_pp2_matches_one_process(tiny_pair, tmp_path):
+    """Correction, importance pruning and distillation sharded 2 x 2 give the single-process run."""
+    args = tiny(tiny_pair, "stages=[correct,prune,distill]", "correct.train.steps=3", "distill.train.steps=4")
+    run_recipe(tmp_path / "single", *args)
+    run_recipe(tmp_path / "tp2pp2", *args, "parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", nproc=4)
+    for stage, name in (("correct", "sft"), ("distill", "distill")):
+        a, b = (losses(tmp_path / r / stage / f"{name}_log.jsonl") for r in ("single", "tp2pp2"))
+        assert a.keys() == b.keys() and a == pytest.approx(b, rel=1e-4), stage
+    _, a, _ = load_full_state(tmp_path / "single" / "prune" / "student")
+    _, b, _ = load_full_state(tmp_path / "tp2pp2" / "prune" / "student")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # same units pruned from the same corrected teacher
+
+
 # --- SIGKILL during distillation, then the same command -------------------------------------
 
 

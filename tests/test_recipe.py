@@ -171,6 +171,15 @@ def test_teacher_corrected_in_parallel_while_student_distills(tiny_pair, tmp_pat
     models = read_json(run_dir / "evaluate" / "metrics.json")["models"]
     assert models["teacher corrected in parallel"]["loss"] < models["teacher"]["loss"]
     assert models["distilled student"]["loss"] < models["pruned student"]["loss"]
+    # the KD term sees the teacher as it is at that step: step 1 equals plain KD from the same start
+    plain = tmp_path / "plain"
+    run_recipe(plain, *tiny(tiny_pair, "stages=[distill]", f"distill.student={run_dir / 'prune' / 'student'}",
+                            "distill.train.steps=2"))
+    first = losses(plain / "distill" / "distill_log.jsonl")
+    assert log[0]["loss"] == pytest.approx(first[1], rel=1e-6)
+    _, original, _ = load_full_state(tiny_pair / "teacher")
+    _, corrected, _ = load_full_state(read_json(run_dir / "distill" / "metrics.json")["teacher_checkpoint"])
+    assert not torch.equal(original["embedding.word_embeddings.weight"], corrected["embedding.word_embeddings.weight"])
 
 
 # --- bad input: one clear line, exit 2, nothing lost -----------------------------------------

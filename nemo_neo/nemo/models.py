@@ -1,0 +1,189 @@
+"""NeMo model subclasses that distill with nemo_neo's loss (and LoRA on the student: LLM-Neo).
+
+`NeoDistillationLlamaModel(config, teacher_config, teacher_ckpt_path, kd_loss=..., lora=...)` is an
+``llm.LlamaModel`` whose underlying module is nemo_neo's `DistillationPair`: the student built by
+NeMo from `config`, and a frozen teacher built from `teacher_config` and filled from a NeMo 2
+checkpoint. NeMo's trainer, data modules, optimizer and logging drive it like any LlamaModel; the
+training loss is nemo_neo's vocab-parallel, chunked KD loss (`KDLossConfig`: forward/reverse KL, JSD,
+CE+KL, top-k, temperature, T^2 scaling), reduced like NeMo's own LM loss (a sum over tokens and the
+token count, averaged over all tokens of the global batch). With `lora`, nemo_neo's LoRA adapters
+wrap the student's linear layers and only they train (LLM-Neo: ``KDLossConfig(kind="ce_kl", ...)``).
+
+Checkpoints written by NeMo's trainer hold the student alone, with adapters folded in, so they load
+as a plain ``llm.LlamaModel`` (the teacher is never saved) -- the behaviour of NeMo's own
+``DistillationGPTModel``. Pipeline parallelism is not supported here (NeMo's schedule would have to
+carry the teacher's activations between stages); tensor parallelism is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+from nemo.collections import llm
+from nemo.lightning.megatron_parallel import MaskedTokenLossReduction
+
+from nemo_neo.distill.losses import KDLossConfig, distillation_loss
+from nemo_neo.distill.model import DistillationPair
+from nemo_neo.peft.apply import LoRAConfig, adapters_of, apply_lora
+from nemo_neo.peft.lora import LoRALinear
+
+
+def neo_layer_spec(config=None):
+    """nemo_neo's megatron-core layer spec (TE when available, else local with torch SDPA), usable as
+    a NeMo ``GPTConfig.transformer_layer_spec``: a NeMo model then computes exactly what nemo_neo does."""
+    from nemo_neo.models.gpt import layer_spec
+
+    return layer_spec()
+
+
+class NeoKDLossReduction(MaskedTokenLossReduction):
+    """NeMo loss reduction computing nemo_neo's distillation loss from (student, teacher) logits."""
+
+    def __init__(self, kd_loss: KDLossConfig, validation_step: bool = False):
+        super().__init__(validation_step=validation_step)
+        self.kd_loss = kd_loss
+
+    def forward(self, batch: dict, forward_out):
+        from megatron.core import parallel_state
+
+        student_logits, teacher_logits = forward_out
+        tp_group = parallel_state.get_tensor_model_parallel_group() if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
+        out = distillation_loss(student_logits, teacher_logits, self.kd_loss, labels=batch.get("labels"),
+                                loss_mask=batch.get("loss_mask"), tp_group=tp_group)
+        tokens = out.num_tokens.round().to(torch.int)
+        report = torch.cat([out.loss_sum.detach().float().view(1), tokens.float().view(1)])
+        # (sum, count, report): megatron's schedule divides by the token count (NeMo's convention).
+        return out.loss_sum, tokens, {"loss_sum_and_ub_size": report}
+
+
+class MergedCheckpointLoRA(LoRALinear):
+    """A `LoRALinear` whose checkpoint entry is its base layer's, with the adapter folded into the
+    weight: the saved model is a plain student with the usual tensor names and TP sharding."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        entries = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
+        key = f"{prefix}weight"
+        merged = (self.base.weight + self.delta_weight().to(self.base.weight.dtype)).detach()
+        entries[key] = dataclasses.replace(entries[key], data=merged)
+        return entries
+
+
+class _NemoDistillationPair(DistillationPair):
+    """nemo_neo's student/teacher pair as NeMo's module: accepts NeMo's forward arguments and checkpoints
+    as the student alone."""
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None, **_unused):
+        # labels are not passed on: megatron's GPT would return its own CE loss instead of logits.
+        return super().forward(input_ids)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        return self.student.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
+
+    def state_dict(self, *args, **kwargs):
+        return self.student.state_dict(*args, **kwargs)
+
+
+def load_nemo_weights_into(model: torch.nn.Module, ckpt_path) -> None:
+    """Fill a megatron-core GPT from a NeMo 2 checkpoint's weights/ (any TP/PP it was saved with)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from nemo_neo.nemo.convert import check_nemo_checkpoint
+
+    weights = str(check_nemo_checkpoint(ckpt_path) / "weights")
+    metadata = dist_checkpointing.load_content_metadata(weights)
+    sharded = model.sharded_state_dict(prefix="module.", metadata=metadata)
+    sharded = {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
+    loaded = dist_checkpointing.load(sharded, weights, strict=StrictHandling.RAISE_UNEXPECTED)
+    missing, _ = model.load_state_dict({k.removeprefix("module."): v for k, v in loaded.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise RuntimeError(f"checkpoint {ckpt_path} did not fill {missing[:3]}")
+
+
+class _NeoDistillationMixin:
+    """What the NeMo distillation subclasses add to llm.GPTModel / llm.LlamaModel."""
+
+    def __init__(self, config, teacher_config, teacher_ckpt_path, kd_loss: Optional[KDLossConfig] = None,
+                 lora: Optional[LoRAConfig] = None, student_ckpt_path=None, optim=None, tokenizer=None,
+                 model_transform=None):
+        super().__init__(config, optim=optim, tokenizer=tokenizer, model_transform=model_transform)
+        self.teacher_config = teacher_config
+        self.teacher_ckpt_path = str(teacher_ckpt_path)
+        # The (pruned) student's starting weights; None = NeMo's initialization or its resume/restore.
+        self.student_ckpt_path = None if student_ckpt_path is None else str(student_ckpt_path)
+        self.kd_loss = kd_loss or KDLossConfig(kind="forward_kl")  # Minitron's logit-only forward KL
+        self.lora = lora
+        if config.pipeline_model_parallel_size > 1:
+            raise ValueError("NeoDistillation*Model supports tensor parallelism only (pipeline_model_parallel_size=1); "
+                             "use nemo_neo's own trainer (nemo_neo.distill) for pipeline-parallel distillation.")
+
+    def configure_model(self, vp_stage=None) -> None:
+        if hasattr(self, "module"):
+            return
+        from nemo_neo.models.arch import UnsupportedConfigError
+
+        for attr in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "sequence_parallel", "pipeline_dtype"):
+            setattr(self.teacher_config, attr, getattr(self.config, attr))
+        student = self.config.configure_model(self.tokenizer)
+        teacher = self.teacher_config.configure_model(self.tokenizer)
+        if student.vocab_size != teacher.vocab_size:
+            raise UnsupportedConfigError(f"student vocab {student.vocab_size} != teacher vocab {teacher.vocab_size}: "
+                                         "logit distillation needs one tokenizer.")
+        load_nemo_weights_into(teacher, self.teacher_ckpt_path)
+        if self.student_ckpt_path is not None:
+            load_nemo_weights_into(student, self.student_ckpt_path)
+        if self.lora is not None:
+            from nemo_neo.parallel import initialize
+
+            apply_lora(student, self.lora, initialize())  # the context of the groups NeMo created
+            for adapter in adapters_of(student).values():
+                adapter.__class__ = MergedCheckpointLoRA
+        # Per-token mean over the global batch, as in nemo_neo's trainer (and NeMo's LM loss).
+        self.config.calculate_per_token_loss = student.config.calculate_per_token_loss = True
+        self.module = _NemoDistillationPair(student, teacher)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None, **kwargs):
+        return self.module(input_ids, position_ids, attention_mask)
+
+    def data_step(self, dataloader_iter):
+        if torch.cuda.is_available():
+            return super().data_step(dataloader_iter)
+        from nemo_neo.nemo.cpu_compat import cpu_gpt_data_step  # NeMo's gpt_data_step minus .cuda()
+
+        return cpu_gpt_data_step(dataloader_iter)
+
+    @property
+    def training_loss_reduction(self) -> NeoKDLossReduction:
+        if not self._training_loss_reduction:
+            self._training_loss_reduction = NeoKDLossReduction(self.kd_loss)
+        return self._training_loss_reduction
+
+    @property
+    def validation_loss_reduction(self) -> NeoKDLossReduction:
+        if not self._validation_loss_reduction:
+            self._validation_loss_reduction = NeoKDLossReduction(self.kd_loss, validation_step=True)
+        return self._validation_loss_reduction
+
+    def get_inference_wrapper(self, *args, **kwargs):
+        raise NotImplementedError("load the saved student as llm.LlamaModel for inference")
+
+
+class NeoDistillationGPTModel(_NeoDistillationMixin, llm.GPTModel):
+    """llm.GPTModel distilled from a frozen teacher with nemo_neo's KD loss (see module docstring)."""
+
+
+class NeoDistillationLlamaModel(_NeoDistillationMixin, llm.LlamaModel):
+    """llm.LlamaModel distilled from a frozen teacher with nemo_neo's KD loss (see module docstring)."""
+
+
+def llm_neo_model(config, teacher_config, teacher_ckpt_path, alpha: float = 0.5, temperature: float = 1.0,
+                  lora: Optional[LoRAConfig] = None, **kwargs) -> NeoDistillationLlamaModel:
+    """LLM-Neo in NeMo: LoRA adapters on the student, alpha * CE + (1 - alpha) * KL, no T^2 factor."""
+    kd = KDLossConfig(kind="ce_kl", alpha=alpha, temperature=temperature, t2_scaling=False)
+    return NeoDistillationLlamaModel(config, teacher_config, Path(teacher_ckpt_path), kd_loss=kd,
+                                     lora=lora or LoRAConfig(), **kwargs)

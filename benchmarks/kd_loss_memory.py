@@ -29,7 +29,7 @@ A naive case whose estimated peak (NAIVE_BYTES_PER_ELEMENT x tokens x vocab, plu
 exceeds ``--naive-mem-fraction`` of physical memory is recorded as skipped with the reason.
 
     python benchmarks/kd_loss_memory.py [--tokens 2048,4096,8192 --vocab 49152,128256
-        --chunk-tokens default --repeats 3 --out kd_loss_memory.json]
+        --chunk-tokens default --repeats 3 --device auto --out kd_loss_memory.json]
 
 ``--sweep-chunks 8,16,32,...`` instead times ours at each chunk_tokens (alternated with each other and
 with naive, one subprocess per case) to choose the default; no memory runs.
@@ -67,6 +67,17 @@ def _make_inputs(tokens, vocab, device):
     teacher = torch.randn(tokens, vocab, generator=g, dtype=torch.bfloat16, device=device).mul_(2.0)
     student = torch.randn(tokens, vocab, generator=g, dtype=torch.bfloat16, device=device).mul_(2.0)
     return student.requires_grad_(True), teacher
+
+
+def _device(choice) -> str:
+    """--device auto: cuda when available (the default), else cpu."""
+    import torch
+
+    if choice in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
+    return choice
 
 
 def _chunk_arg(value):
@@ -143,7 +154,7 @@ def worker_memory(args) -> dict:
 
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(args.device)
     call = _runner(args.impl, args.chunk_tokens)
     warm = _make_inputs(16, 256, device)
     call(*warm)
@@ -177,7 +188,7 @@ def worker_memory(args) -> dict:
 def worker_time(args) -> dict:
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(args.device)
     impls = args.impls.split(",")
     calls = {impl: _runner(impl, args.chunk_tokens) for impl in impls}
     student, teacher = _make_inputs(args.tokens, args.vocab, device)
@@ -233,6 +244,8 @@ def main():
                    help="skip a naive case whose estimated peak + inputs exceed this share of physical memory")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per subprocess")
     p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the logits live (auto: cuda when available, else cpu)")
     # internal: worker mode
     p.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -249,13 +262,14 @@ def main():
 
     from nemo_neo.distill import KDLossConfig
 
-    cuda = torch.cuda.is_available()
+    cuda = _device(args.device) == "cuda"
     phys = (torch.cuda.get_device_properties(0).total_memory if cuda
             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     chunk = args.chunk_tokens if args.chunk_tokens != "default" else KDLossConfig().chunk_tokens
     result = {
         "machine": _machine() if not cuda else torch.cuda.get_device_name(0),
         "torch": torch.__version__,
+        **({"cuda": torch.version.cuda} if cuda else {}),
         "threads": torch.get_num_threads(),
         "device": "cuda" if cuda else "cpu",
         "dtype": "bfloat16 logits, fp32 math",
@@ -264,7 +278,7 @@ def main():
         "goal": "ours/naive peak <= 0.2, time <= 1.1",
         "cases": [],
     }
-    common = ["--chunk-tokens", args.chunk_tokens]
+    common = ["--chunk-tokens", args.chunk_tokens, "--device", "cuda" if cuda else "cpu"]
     for tokens in map(int, args.tokens.split(",")):
         for vocab in map(int, args.vocab.split(",")):
             case = {"tokens": tokens, "vocab": vocab}

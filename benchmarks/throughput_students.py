@@ -21,24 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-WIDTH_TARGET = {"hidden_size": 432, "ffn_hidden_size": 1088}
-
-
 def build_students(teacher: Path, work: Path) -> dict[str, Path]:
-    from nemo_neo.checkpoint.hf_io import copy_tokenizer_files
-    from nemo_neo.checkpoint.native import load_full_state, save_full_state
-    from nemo_neo.prune import drop_layers_checkpoint, prune_width_random
+    from benchmarks.random_models import build_students as build  # one definition of the two students
 
     work.mkdir(parents=True, exist_ok=True)
-    depth, width = work / "depth15", work / "width432"
-    if not (depth / "nemo_neo.json").is_file():
-        drop_layers_checkpoint(teacher, depth, layers=range(1, 30, 2), overwrite=True)
-    if not (width / "nemo_neo.json").is_file():
-        arch, state, _ = load_full_state(teacher)
-        new_arch, new_state = prune_width_random(arch, state, WIDTH_TARGET)
-        save_full_state(width, new_arch, new_state, lambda dst: copy_tokenizer_files(teacher, dst),
-                        metadata={"pruned_from": str(teacher), "width_target": WIDTH_TARGET}, overwrite=True)
-    return {"teacher": teacher, "depth": depth, "width": width}
+    return {"teacher": teacher, **build(teacher, work)}
 
 
 def parameters(ckpt: Path) -> int:

@@ -116,8 +116,11 @@ class TorchBackend:
     def _generation_config(self, osl: int):
         from transformers import GenerationConfig
 
+        # disable_compile: transformers otherwise torch.compiles the forward by itself whenever a static
+        # cache is used on CUDA, so --no-compile was not honoured on GPU (and with compile on, the
+        # already compiled forward was compiled again); compilation is this backend's choice alone.
         return GenerationConfig(do_sample=False, max_new_tokens=osl, min_new_tokens=osl, eos_token_id=None,
-                                pad_token_id=0, cache_implementation="static", num_beams=1)
+                                pad_token_id=0, cache_implementation="static", num_beams=1, disable_compile=True)
 
     @torch.no_grad()
     def generate(self, batch: list[list[int]], osl: int) -> torch.Tensor:

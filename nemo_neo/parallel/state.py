@@ -84,14 +84,18 @@ def initialize(config: ParallelConfig | None = None) -> ParallelContext:
         single = "RANK" not in os.environ  # a plain `python` run: a world of one
         world_size = 1 if single else int(os.environ["WORLD_SIZE"])
         validate_layout(world_size, config.tensor_parallel, config.pipeline_parallel)
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         extra = {}
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            # NCCL then knows this rank's GPU instead of guessing it from the global rank (which
+            # warns, and can hang when ranks map to GPUs unevenly)
+            extra["device_id"] = torch.device("cuda", local)
         if single:  # a file store needs no TCP port, so concurrent single-process runs cannot collide
             fd, store = tempfile.mkstemp(prefix="nemo_neo_pg_")
             os.close(fd)
             os.unlink(store)
-            extra = dict(init_method=f"file://{store}", rank=0, world_size=1)
+            extra.update(init_method=f"file://{store}", rank=0, world_size=1)
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
             timeout=datetime.timedelta(minutes=config.timeout_minutes),

@@ -6,22 +6,9 @@ main suite (.venv, no NeMo) skips this directory without importing anything from
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-
-def _nemo_llm_installed() -> bool:
-    # Without importing nemo (a ~20 s import): nemo-toolkit 3.x exists but has no collections/llm.
-    spec = importlib.util.find_spec("nemo")
-    return spec is not None and any((Path(p) / "collections" / "llm").is_dir() for p in spec.submodule_search_locations or ())
-
-
-if not _nemo_llm_installed():
-    collect_ignore_glob = ["test_*.py"]
-
-
+# tests/conftest.py leaves this directory out where NeMo's LLM collection is not installed.
 # No __init__.py here: a package named "nemo" under tests/ would shadow NeMo itself.
 TEACHER = "llama3_gqa_untied"  # GQA, untied head, llama3 RoPE scaling
 STUDENT = "student_of_llama3"  # same vocabulary, tied embeddings, default RoPE

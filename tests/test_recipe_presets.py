@@ -3,8 +3,6 @@ configs of the teachers: no weights needed)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from conftest import REPO
 
@@ -105,4 +103,7 @@ def test_hyperparameter_tables_match_the_values(tmp_path):
     kd = compose("kd_lora")
     lora = rc.lora_config(kd.distill.lora, "distill.lora")
     assert (lora.rank, list(lora.targets), list(lora.qkv_parts), kd.distill.loss.temperature) == (8, ["linear_qkv"], ["q", "v"], 2.0)
-    assert Path(REPO / "conf" / "preset" / "kd_lora.yaml").read_text().count("T^2") >= 1
+    loss = rc.method_config(kd.distill).training_loss()  # what the distill stage trains with
+    assert (loss.kind, loss.alpha, loss.temperature, loss.t2_scaling) == ("ce_kl", 0.5, 2.0, True)
+    neo_loss = rc.method_config(neo.distill).training_loss()
+    assert (neo_loss.kind, neo_loss.t2_scaling) == ("ce_kl", False)

@@ -57,6 +57,7 @@ class MethodConfig:
     temperature: float = 1.0
     kd_loss: str = "forward_kl"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    t2_scaling: bool = False  # multiply the KL by T^2 (KD-LoRA / Hinton); off for LLM-Neo and Minitron
 
     def __post_init__(self):
         self.validate()
@@ -83,9 +84,11 @@ class MethodConfig:
         """The distillation loss of kd / llm_neo; None for the CE-only methods."""
         try:
             if self.method == "llm_neo":
-                return KDLossConfig(kind="ce_kl", alpha=self.alpha, temperature=self.temperature, t2_scaling=False)
+                return KDLossConfig(kind="ce_kl", alpha=self.alpha, temperature=self.temperature,
+                                    t2_scaling=self.t2_scaling)
             if self.method == "kd":
-                return KDLossConfig(kind=self.kd_loss, alpha=self.alpha, temperature=self.temperature)
+                return KDLossConfig(kind=self.kd_loss, alpha=self.alpha, temperature=self.temperature,
+                                    t2_scaling=self.t2_scaling)
         except ValueError as e:
             raise MethodConfigError(f"method {self.method!r}: {e}") from None
         return None

@@ -55,6 +55,15 @@ def kd_loss_config(node, where: str) -> KDLossConfig:
     return _build(KDLossConfig, _plain(node), where)
 
 
+def method_config(distill_node):
+    """The distill section's training method (loss weights, temperature, T^2, adapters)."""
+    from nemo_neo.distill.methods import MethodConfig
+
+    loss = kd_loss_config(distill_node.loss, "distill.loss")
+    return MethodConfig(method=distill_node.method, alpha=loss.alpha, temperature=loss.temperature, kd_loss=loss.kind,
+                        lora=lora_config(distill_node.lora, "distill.lora"), t2_scaling=loss.t2_scaling)
+
+
 def importance_config(node, where: str) -> ImportanceConfig:
     return _build(ImportanceConfig, _plain(node), where)
 

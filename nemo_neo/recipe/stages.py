@@ -144,12 +144,9 @@ class Recipe:
                              rc.kd_loss_config(d.loss, "distill.loss"), self.cfg.evaluate.micro_batch_size,
                              correct_teacher_lr=(c.lr, c.min_lr))
         else:
-            from nemo_neo.distill.methods import MethodConfig, train_student
+            from nemo_neo.distill.methods import train_student
 
-            loss = rc.kd_loss_config(d.loss, "distill.loss")
-            method = MethodConfig(method=d.method, alpha=loss.alpha, temperature=loss.temperature, kd_loss=loss.kind,
-                                  lora=rc.lora_config(d.lora, "distill.lora"))
-            result = train_student(self.ctx, method, student, teacher, train, valid, train_cfg, out_dir,
+            result = train_student(self.ctx, rc.method_config(d), student, teacher, train, valid, train_cfg, out_dir,
                                    out_ckpt=out_dir / "student", eval_micro_batch_size=self.cfg.evaluate.micro_batch_size)
         return {"method": "kd+correction" if self.cfg.correct.in_parallel else d.method, "student_start": str(student),
                 "teacher": str(teacher), **result}

@@ -58,6 +58,9 @@ class LoRALinear(torch.nn.Module):
                 f"of this layer ({in_full} -> {out_local * (1 if self.row_parallel else tp)})"
             )
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        # on the base layer's device: index_copy in forward needs the index where the output is (CUDA)
+        if out_rows is not None:
+            out_rows = out_rows.to(base.weight.device)
         self.register_buffer("out_rows", out_rows, persistent=False)
         out_adapter = out_local if out_rows is None else len(out_rows)
         dtype, device = base.weight.dtype, base.weight.device

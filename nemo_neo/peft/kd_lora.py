@@ -211,9 +211,12 @@ def _num_steps(cfg: StageConfig, n: int) -> int:
 
 
 def finetune(model, encoded, labels, label_ids, cfg: StageConfig, pad_id: int, seed: int,
-             teacher_logits: torch.Tensor | None = None, kd_alpha: float = 0.5, temperature: float = 2.0) -> dict:
+             teacher_logits: torch.Tensor | None = None, kd_alpha: float = 0.5, temperature: float = 2.0,
+             name: str = "finetune", log_dir: Path | None = None) -> dict:
     """Train the parameters of `model` that require grad. CE on the class logits, or with
-    `teacher_logits` ([N, C], aligned with `encoded`) alpha * CE + (1 - alpha) * T^2 * KL."""
+    `teacher_logits` ([N, C], aligned with `encoded`) alpha * CE + (1 - alpha) * T^2 * KL.
+    Shows a progress bar; with `log_dir` the loss and LR also go to TensorBoard there."""
+    from tqdm.auto import tqdm
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -229,9 +232,13 @@ def finetune(model, encoded, labels, label_ids, cfg: StageConfig, pad_id: int, s
     gen = torch.Generator().manual_seed(seed)
     labels_t = torch.tensor(labels, dtype=torch.long)
     perm, pos, losses = torch.randperm(len(encoded), generator=gen), 0, []
+    writer = None
+    if log_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(log_dir))
     model.train()
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for step in tqdm(range(steps), desc=name, unit="step", dynamic_ncols=True):
         if pos + cfg.batch_size > len(perm):  # new epoch (drop the last partial batch)
             perm, pos = torch.randperm(len(encoded), generator=gen), 0
         idx = perm[pos:pos + cfg.batch_size]
@@ -252,6 +259,11 @@ def finetune(model, encoded, labels, label_ids, cfg: StageConfig, pad_id: int, s
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if writer is not None:
+            writer.add_scalar("train/loss", losses[-1], step + 1)
+            writer.add_scalar("train/lr", sched.get_last_lr()[0], step + 1)
+    if writer is not None:
+        writer.close()
     model.eval()
     return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1],
             "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]), "train_time_s": time.perf_counter() - t0,
@@ -345,7 +357,9 @@ def run_task(task: str = "SST-2", method: str = "kd_lora", config: KDLoRATaskCon
             teacher, t_arch, _ = load_model(teacher_ckpt, ctx)
             if cfg.evaluate_teacher:
                 result["teacher_before"] = ev(teacher)
-            result["teacher_train"] = finetune(teacher, train_enc, train_y, label_ids, cfg.teacher, pad_id, cfg.seed)
+            result["teacher_train"] = finetune(teacher, train_enc, train_y, label_ids, cfg.teacher, pad_id, cfg.seed,
+                                               name=f"{spec.name} teacher fft",
+                                               log_dir=run_dir / "tensorboard" / "teacher" if run_dir else None)
             if cfg.evaluate_teacher:
                 result["teacher_after"] = ev(teacher)
             if cfg.save_models and run_dir:
@@ -368,7 +382,8 @@ def run_task(task: str = "SST-2", method: str = "kd_lora", config: KDLoRATaskCon
     # (c) train: CE, or alpha * CE + (1 - alpha) * T^2 * KL on the class logits
     result["student_train"] = finetune(student, train_enc, train_y, label_ids, cfg.student, pad_id, cfg.seed,
                                        teacher_logits=teacher_logits, kd_alpha=cfg.kd_alpha,
-                                       temperature=cfg.temperature)
+                                       temperature=cfg.temperature, name=f"{spec.name} student {cfg.method}",
+                                       log_dir=run_dir / "tensorboard" / cfg.method if run_dir else None)
     result["student_after"] = ev(student)
     if run_dir:
         if cfg.save_models and cfg.method != "fft":

@@ -13,9 +13,9 @@ teacher logits under no_grad, both logits upcast to full fp32, KL over the full 
 F.kl_div. It sees exactly the same batches (same sampler) as our runs.
 
 Each (method, repeat) runs in a fresh subprocess; methods are interleaved (the order rotates every
-repeat) so that load from other jobs on a shared machine spreads over all of them. `--interleave`
-measures time only, tighter: every method is built in one process and they take one step each in
-turn (the same step as `Trainer.fit`), so that even a minute-scale change of load hits all alike.
+repeat) so that load from other jobs on a shared machine spreads over all of them; still, time it on
+a quiet machine (a one-process variant that interleaved the methods' steps was tried and dropped:
+with all models in one process beside another job, every ratio drifted towards 1).
   time:   median step time of the steps after `--warmup` (the step alone: no validation, no saving),
           wall clock and process CPU time (with --threads 1 the CPU time is what the step costs even
           when other jobs share the cores; wall time then also counts waiting for them).
@@ -27,7 +27,7 @@ turn (the same step as `Trainer.fit`), so that even a minute-scale change of loa
 
     python benchmarks/peft_methods.py [--device cpu|cuda] [--dtype float32|bfloat16] [--seq 256]
         [--gbs 4 --mbs 2 --warmup 2 --steps 4 --repeats 2 --rank 128 --threads N --recompute]
-        [--methods sft,lora,kd,llm_neo,peer] [--interleave] [--out result.json]
+        [--methods sft,lora,kd,llm_neo,peer] [--out result.json]
 """
 
 from __future__ import annotations
@@ -157,74 +157,6 @@ def run_peer(args, probe: MemoryProbe) -> dict:
             "trainable": sum(p.numel() for p in peer.trainable)}
 
 
-def run_interleaved(args) -> dict:
-    """Time only: every method built once in this one process, then one step of each in turn
-    (order rotating), so that a change of load on a shared machine hits them all alike. The
-    teacher is shared by kd and llm_neo; each of our steps is the step of `Trainer.fit`."""
-    from peer_llm_neo import PeerLLMNeo
-
-    from nemo_neo.data.dataset import DistributedBatchSampler
-    from nemo_neo.distill.methods import MethodConfig
-    from nemo_neo.distill.model import DistillationPair
-    from nemo_neo.distill.objective import kd_loss_fn, lm_loss_fn
-    from nemo_neo.models.load import load_model
-    from nemo_neo.parallel import initialize
-    from nemo_neo.peft import LoRAConfig, apply_lora
-    from nemo_neo.train.loop import TrainConfig, Trainer
-    from nemo_neo.train.schedule import run_microbatches
-
-    work, dtype = Path(args.work_dir), getattr(torch, args.dtype)
-    ctx = initialize()
-    rows = torch.load(work / "rows.pt")
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if args.recompute else {}
-    cfg = TrainConfig(steps=args.warmup + args.steps, global_batch_size=args.gbs, micro_batch_size=args.mbs)
-    teacher = None
-    steppers = {}
-    tmp = tempfile.TemporaryDirectory(dir=work)
-    for name in [m for m in args.methods if m != "peer"]:
-        method = MethodConfig(method=name, alpha=ALPHA, lora=LoRAConfig(rank=args.rank, alpha=2.0 * args.rank))
-        student, arch, _ = load_model(work / "student", ctx, dtype, **recompute)
-        if method.uses_lora:
-            apply_lora(student, method.lora, ctx)
-        if method.trains_on_teacher:
-            teacher = teacher or load_model(work / "teacher", ctx, dtype)[0]
-            model, loss_fn = DistillationPair(student, teacher), kd_loss_fn(method.training_loss())
-        else:
-            model, loss_fn = student, lm_loss_fn()
-        trainer = Trainer(ctx, model, arch, loss_fn, rows, cfg, Path(tmp.name) / name, name)
-        batches = iter(trainer.sampler)
-
-        def step(trainer=trainer, batches=batches):  # the body of Trainer.fit's step
-            trainer.ddp.train()
-            trainer.ddp.zero_grad_buffer()
-            trainer.optimizer.zero_grad()
-            run_microbatches(trainer.ddp, trainer._microbatches(next(batches)), trainer.loss_fn,
-                             adjust_tensor_shapes_fn=trainer.adjust)
-            trainer.optimizer.step()
-            trainer.scheduler.step(1)
-
-        steppers[name] = step
-    if "peer" in args.methods:
-        peer = PeerLLMNeo(work / "teacher_hf", work / "student_hf", args.rank, ALPHA, torch.device(args.device), dtype,
-                          args.recompute)
-        peer_batches = iter(DistributedBatchSampler(len(rows), args.gbs, args.mbs, seed=cfg.seed))
-        steppers["peer"] = lambda: peer.step([rows[idx] for idx in next(peer_batches)])
-    probe = MemoryProbe(args.device)
-    times = {name: {"step_s": [], "cpu_s": []} for name in steppers}
-    names = list(steppers)
-    for round_ in range(args.warmup + args.steps):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            probe.sync()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            steppers[name]()
-            probe.sync()
-            if round_ >= args.warmup:
-                times[name]["step_s"].append(time.perf_counter() - start)
-                times[name]["cpu_s"].append(time.process_time() - start_cpu)
-    tmp.cleanup()
-    return times
-
-
 # --------------------------------------------------------------------------------------------
 # Parent: prepare once, run every (method, repeat) in its own process, compare
 
@@ -320,8 +252,6 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--recompute", action="store_true", help="activation recomputation in every method "
                    "(ours: recompute_activations; the peer: transformers gradient checkpointing)")
-    p.add_argument("--interleave", action="store_true", help="time only: all methods in one process, one step "
-                   "of each in turn (--repeats is ignored; use more --steps)")
     p.add_argument("--work-dir", default=None, help="where the student, HF copies and rows go (default: a temp dir)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -346,23 +276,18 @@ def main(argv=None):
         args.work_dir = args.work_dir or tmp
         Path(args.work_dir).mkdir(parents=True, exist_ok=True)
         prepare(args)
-        if args.interleave:
-            runs = {m: [times] for m, times in run_interleaved(args).items()}
-        else:
-            runs = {m: [] for m in args.methods}
-            for repeat in range(args.repeats):
-                shift = repeat % len(args.methods)
-                for method in args.methods[shift:] + args.methods[:shift]:
-                    runs[method].append(run_worker_process(args, method))
-                    last = runs[method][-1]
-                    print(f"repeat {repeat} {method}: wall {last['step_s']} cpu {last['cpu_s']}", file=sys.stderr, flush=True)
+        runs = {m: [] for m in args.methods}
+        for repeat in range(args.repeats):
+            shift = repeat % len(args.methods)
+            for method in args.methods[shift:] + args.methods[:shift]:
+                runs[method].append(run_worker_process(args, method))
+                last = runs[method][-1]
+                print(f"repeat {repeat} {method}: wall {last['step_s']} cpu {last['cpu_s']}", file=sys.stderr, flush=True)
     out = {"machine": machine(args.device), "device": args.device, "dtype": args.dtype,
            "setup": {"teacher": "SmolLM2-135M-Instruct (30 layers)", "student": "teacher minus layers 15-29",
                      "seq": args.seq, "global_batch": args.gbs, "micro_batch": args.mbs, "lora_rank": args.rank,
                      "warmup_steps": args.warmup, "timed_steps": args.steps, "repeats": args.repeats,
-                     "threads": torch.get_num_threads(), "recompute_activations": args.recompute,
-                     "mode": "one process, steps interleaved (time only)" if args.interleave else
-                             "one process per method and repeat"},
+                     "threads": torch.get_num_threads(), "recompute_activations": args.recompute},
            **summarize(runs, args)}
     print(json.dumps(out, indent=1))
     if args.out:

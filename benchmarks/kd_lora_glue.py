@@ -58,7 +58,9 @@ def table_rows(results: dict) -> list[dict]:
         row = {"task": task, "metric": any_run["metric"], "dev": any_run["num_dev"], "train": any_run["num_train"],
                "teacher_zero_shot": kd.get("teacher_before", {}).get("score"),
                "teacher_fft": kd.get("teacher_after", {}).get("score"),
-               "student_untrained": any_run["student_before"]["score"]}
+               "student_untrained": any_run["student_before"]["score"],
+               "teacher_steps": kd.get("teacher_train", {}).get("steps"),
+               "student_steps": any_run["student_train"]["steps"]}
         for method in METHODS:
             if method in by_method:
                 row[method] = by_method[method]["student_after"]["score"]
@@ -69,7 +71,8 @@ def table_rows(results: dict) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = [("task", "task"), ("metric", "metric"), ("teacher_zero_shot", "teacher 0-shot"),
+    cols = [("task", "task"), ("metric", "metric"), ("train", "train ex."), ("teacher_steps", "teacher steps"),
+            ("student_steps", "student steps"), ("teacher_zero_shot", "teacher 0-shot"),
             ("teacher_fft", "teacher FFT"), ("student_untrained", "student untrained"), ("fft", "student FFT"),
             ("lora", "student LoRA"), ("kd_lora", "student KD-LoRA")]
     fmt = lambda v: "-" if v is None else (f"{100 * v:.1f}" if isinstance(v, float) else str(v))  # noqa: E731

@@ -180,11 +180,13 @@ def class_logits(model, input_ids: torch.Tensor, last_idx: torch.Tensor, label_i
 
 @torch.no_grad()
 def predict_logits(model, encoded, label_ids, batch_size: int, pad_id: int) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     out = []
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # length-bucketed: less padding
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="predict", unit="batch", leave=False, dynamic_ncols=True):
         idx = order[start:start + batch_size]
         ids, last = collate([encoded[i] for i in idx], pad_id)
         out.append((idx, class_logits(model, ids, last, label_ids).cpu()))

@@ -41,13 +41,13 @@ def run(task: str, method: str, args, student: Path, teacher: Path, ctx) -> dict
     student_lr = args.fft_lr if method == "fft" else args.lora_lr
     cfg = KDLoRATaskConfig(
         glue_root=str(args.glue), teacher_ckpt=str(teacher), student_ckpt=str(student), max_length=args.max_length,
+        finetuned_teacher_ckpt=str(finetuned) if method == "kd_lora" and finetuned.is_dir() else None,
         train_limit=args.train_limit, run_dir=str(run_dir), save_models=method == "kd_lora",
         evaluate_teacher=method == "kd_lora",
         teacher=StageConfig(lr=args.teacher_lr, max_steps=args.teacher_steps, batch_size=16, warmup_ratio=0.1),
         student=StageConfig(lr=student_lr, max_steps=args.student_steps, batch_size=16, warmup_ratio=0.1))
     print(f"\n=== {task} {method}", flush=True)
-    return run_task(task, method, cfg, ctx=ctx, **({"finetuned_teacher_ckpt": str(finetuned)}
-                                                   if method == "kd_lora" and finetuned.is_dir() else {}))
+    return run_task(task, method, cfg, ctx=ctx)
 
 
 def table_rows(results: dict) -> list[dict]:

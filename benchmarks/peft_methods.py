@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -231,9 +230,9 @@ def summarize(runs: dict, args) -> dict:
 def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    from nemo_neo.eval.throughput import machine as machine_info
+
+    return f"{machine_info()['cpu']}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def parse_args(argv=None):

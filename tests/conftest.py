@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -102,6 +103,21 @@ def hf_model_factory(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """`mktemp(name)` for a module's fixtures; the directories go when the module is done. The suite
+    writes ~13 GB of checkpoints; kept to the session's end they fill a small CI disk."""
+    made = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

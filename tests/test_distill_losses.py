@@ -155,8 +155,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tp2_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tp2_loss")
+def tp2_results(module_tmp):
+    tmp = module_tmp("tp2_loss")
     inputs = make_inputs(seed=1)
     torch.save({**inputs, "cases": CASES, "chunks": CHUNKS}, tmp / "inputs.pt")
     cmd = [

@@ -13,8 +13,8 @@ WORKER = "tests/workers/kd_worker.py"
 
 
 @pytest.fixture(scope="module")
-def pair_ckpts(hf_model_factory, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kd")
+def pair_ckpts(hf_model_factory, module_tmp):
+    tmp = module_tmp("kd")
     convert_hf_to_neo(hf_model_factory("llama3_gqa_untied"), tmp / "teacher")
     convert_hf_to_neo(hf_model_factory("student_of_llama3"), tmp / "student")
     return tmp

@@ -26,10 +26,10 @@ LIMIT = 40
 
 
 @pytest.fixture(scope="module")
-def smol_hf(smollm2_ckpt, tmp_path_factory):
+def smol_hf(smollm2_ckpt, module_tmp):
     from nemo_neo.export import export_hf
 
-    out = tmp_path_factory.mktemp("smol") / "hf"
+    out = module_tmp("smol") / "hf"
     export_hf(smollm2_ckpt, out, dtype="float32")
     return out
 
@@ -106,7 +106,7 @@ def test_generate_until_equals_transformers_greedy(neo_lm, hf_lm, one_thread):
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(smollm2_ckpt, tmp_path_factory):
+def tiny_ckpt(smollm2_ckpt, module_tmp):
     """A random 2-layer model on SmolLM2's vocabulary (splits over TP=2; SmolLM2's 9 heads do not),
     untied with larger init so greedy generations vary, carrying the real tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -114,7 +114,7 @@ def tiny_ckpt(smollm2_ckpt, tmp_path_factory):
     from nemo_neo.checkpoint.convert import convert_hf_to_neo
     from nemo_neo.checkpoint.hf_io import copy_tokenizer_files
 
-    root = tmp_path_factory.mktemp("tiny_eval")
+    root = module_tmp("tiny_eval")
     config = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                   tie_word_embeddings=False, initializer_range=0.1, architectures=["LlamaForCausalLM"])

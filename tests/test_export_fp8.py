@@ -49,8 +49,8 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 @pytest.fixture(scope="module")
-def exported(smollm2_ckpt, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fp8")
+def exported(smollm2_ckpt, module_tmp):
+    root = module_tmp("fp8")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     cmd = [sys.executable, str(REPO / "tools" / "export_fp8.py"), "--ckpt", str(smollm2_ckpt), "--calib-data",
            str(SHARED_DATA / "wikitext2_valid.txt"), "--out", str(root / "fp8"), "--calib-samples", "4",

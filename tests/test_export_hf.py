@@ -27,10 +27,10 @@ def one_line_error(proc, *needles):
 
 
 @pytest.fixture(scope="module")
-def student(smollm2_ckpt, tmp_path_factory):
+def student(smollm2_ckpt, module_tmp):
     from nemo_neo.prune import drop_layers_checkpoint
 
-    out = tmp_path_factory.mktemp("student") / "depth"
+    out = module_tmp("student") / "depth"
     drop_layers_checkpoint(smollm2_ckpt, out, layers=range(1, 30, 2))  # keep the 15 even layers
     return out
 

@@ -70,12 +70,12 @@ def make_hf(out: Path, seed: int, **overrides) -> Path:
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
+def smol(module_tmp):
     """Random SmolLM2-shaped teacher (30 layers) and an independent random student (15 layers):
     HF directories and nemo_neo checkpoints."""
     from nemo_neo.checkpoint.convert import convert_hf_to_neo
 
-    root = tmp_path_factory.mktemp("gpu_smol")
+    root = module_tmp("gpu_smol")
     paths = {"teacher_hf": make_hf(root / "teacher_hf", seed=0),
              "student_hf": make_hf(root / "student_hf", seed=1, num_hidden_layers=STUDENT_LAYERS)}
     for name in ("teacher", "student"):
@@ -253,10 +253,10 @@ def test_lora_on_cuda_matches_transformers_with_adapters_added(parallel_ctx, smo
 
 
 @pytest.fixture(scope="module")
-def worker_result(smol, tmp_path_factory):
+def worker_result(smol, module_tmp):
     from conftest import torchrun
 
-    out = tmp_path_factory.mktemp("gpu_worker")
+    out = module_tmp("gpu_worker")
     torchrun("tests/test_gpu.py", 1, "--student", smol["student"], "--teacher", smol["teacher"], "--out", out,
              timeout=900)
     return json.loads((out / "result.json").read_text()), out

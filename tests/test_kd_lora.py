@@ -71,11 +71,11 @@ def test_glue_reader_fields():
 
 
 @pytest.fixture(scope="module")
-def student_ckpt(smollm2_ckpt, tmp_path_factory):
+def student_ckpt(smollm2_ckpt, module_tmp):
     from nemo_neo.peft.kd_lora import make_student_checkpoint
 
     # half the layers, the middle block (Minitron: first and last layers matter most)
-    return make_student_checkpoint(smollm2_ckpt, tmp_path_factory.mktemp("kd_lora") / "student", drop_layers=range(8, 23))
+    return make_student_checkpoint(smollm2_ckpt, module_tmp("kd_lora") / "student", drop_layers=range(8, 23))
 
 
 def test_prompts_label_words_and_class_logits(student_ckpt, parallel_ctx):

@@ -35,22 +35,22 @@ def rows(tiny_pair):
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_pair, rows, parallel_ctx, tmp_path_factory):
+def teacher(tiny_pair, rows, parallel_ctx, module_tmp):
     """The tiny random teacher after a little SFT on the text: a random teacher is nearly uniform,
     as is the student, so their KL would be ~0 and CE would pull the student away from it."""
-    run_dir = tmp_path_factory.mktemp("teacher")
+    run_dir = module_tmp("teacher")
     result = train_student(parallel_ctx, MethodConfig(method="sft"), tiny_pair / "teacher", None, *rows,
                            train_config(lr=0.2), run_dir)
     return result["checkpoint"]
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_pair, rows, teacher, parallel_ctx, tmp_path_factory):
+def runs(tiny_pair, rows, teacher, parallel_ctx, module_tmp):
     """Every method once: same student, same data, same teacher (for validation at least)."""
     train, valid = rows
     out = {}
     for method in METHODS:
-        run_dir = tmp_path_factory.mktemp(method)
+        run_dir = module_tmp(method)
         result = train_student(parallel_ctx, MethodConfig(method=method, lora=LORA), tiny_pair / "student",
                                teacher, train, valid, train_config(), run_dir)
         out[method] = result, run_dir

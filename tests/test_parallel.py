@@ -31,9 +31,9 @@ def compare(ref, got):
 
 
 @pytest.fixture(scope="module", params=["llama3_gqa_untied", "mistral_explicit_head_dim"])
-def model_case(request, hf_model_factory, tmp_path_factory):
+def model_case(request, hf_model_factory, module_tmp):
     """(checkpoint, reference outputs from one process) for a tied and an untied model."""
-    tmp = tmp_path_factory.mktemp(request.param)
+    tmp = module_tmp(request.param)
     ckpt = tmp / "neo"
     convert_hf_to_neo(hf_model_factory(request.param), ckpt)
     return ckpt, tmp, run(ckpt, tmp / "ref", 1, 1)

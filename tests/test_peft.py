@@ -16,8 +16,8 @@ WORKER = "tests/workers/lora_worker.py"
 
 
 @pytest.fixture(scope="module")
-def gqa_ckpt(hf_model_factory, tmp_path_factory):
-    path = tmp_path_factory.mktemp("peft") / "neo"
+def gqa_ckpt(hf_model_factory, module_tmp):
+    path = module_tmp("peft") / "neo"
     convert_hf_to_neo(hf_model_factory("llama3_gqa_untied"), path)
     return path
 

@@ -19,16 +19,16 @@ TOOL = REPO / "tools" / "prune.py"
 
 
 @pytest.fixture(scope="module")
-def mha_ckpt(hf_model_factory, tmp_path_factory):
+def mha_ckpt(hf_model_factory, module_tmp):
     """Plain multi-head attention (every head its own group), explicit head_dim: 4 heads x 16 != 48."""
-    path = tmp_path_factory.mktemp("mha") / "neo"
+    path = module_tmp("mha") / "neo"
     convert_hf_to_neo(hf_model_factory("mistral_explicit_head_dim"), path)
     return path
 
 
 @pytest.fixture(scope="module")
-def gqa_ckpt(hf_model_factory, tmp_path_factory):
-    path = tmp_path_factory.mktemp("gqa") / "neo"
+def gqa_ckpt(hf_model_factory, module_tmp):
+    path = module_tmp("gqa") / "neo"
     convert_hf_to_neo(hf_model_factory("llama3_gqa_untied"), path)
     return path
 
@@ -198,11 +198,11 @@ def test_dry_run_cli_explicit_head_dim(hf_model_factory):
 
 
 @pytest.fixture(scope="module")
-def smol_vocab_ckpt(hf_model_factory, tmp_path_factory, smollm2_ckpt):
+def smol_vocab_ckpt(hf_model_factory, module_tmp, smollm2_ckpt):
     """A tiny random model on SmolLM2's vocabulary, with SmolLM2's real tokenizer."""
     import shutil
 
-    path = tmp_path_factory.mktemp("smolvocab") / "neo"
+    path = module_tmp("smolvocab") / "neo"
     convert_hf_to_neo(hf_model_factory("tiny_teacher_smol_vocab"), path)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2_ckpt / f, path / f)

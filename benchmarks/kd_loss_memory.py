@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -116,23 +115,6 @@ def _runner(impl, chunk_tokens):
     return call
 
 
-def _proc_status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
 def _profiler_peak(fn) -> int:
     """Peak live bytes allocated through PyTorch's CPU allocator while fn() runs."""
     from torch.profiler import ProfilerActivity, profile
@@ -150,10 +132,6 @@ def _profiler_peak(fn) -> int:
 
 
 def worker_memory(args) -> dict:
-    import resource
-
-    import torch
-
     device = _device(args.device)
     call = _runner(args.impl, args.chunk_tokens)
     warm = _make_inputs(16, 256, device)
@@ -161,24 +139,18 @@ def worker_memory(args) -> dict:
     del warm
     student, teacher = _make_inputs(args.tokens, args.vocab, device)
     out = {"impl": args.impl, "tokens": args.tokens, "vocab": args.vocab, "device": device}
+    # the probe first, without the profiler in the process's history of this run
+    from memory_probe import MemoryProbe
+
+    probe = MemoryProbe(device)
+    probe.reset_peak()
+    base = probe.current() if probe.resettable else probe.peak()
+    call(student, teacher)
+    peak = probe.peak() - base
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        call(student, teacher)
-        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base
-        out["peak_bytes"] = out["cuda_peak_bytes"]
+        out["cuda_peak_bytes"] = out["peak_bytes"] = peak
         return out
-    # RSS first, without the profiler in the process's history of this run.
-    if _reset_peak_rss():
-        base = _proc_status("VmRSS")
-        call(student, teacher)
-        out["rss_peak_bytes"], out["rss_method"] = _proc_status("VmHWM") - base, "VmHWM after clear_refs"
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        call(student, teacher)
-        out["rss_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-        out["rss_method"] = "ru_maxrss growth (a lower bound if setup peaked higher)"
+    out["rss_peak_bytes"], out["rss_method"] = peak, probe.method()
     student.grad = None
     out["tensor_peak_bytes"] = _profiler_peak(lambda: call(student, teacher))
     out["peak_bytes"] = out["tensor_peak_bytes"]
@@ -222,16 +194,6 @@ def _median(values):
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="2048,4096,8192")
@@ -261,13 +223,14 @@ def main():
     import torch
 
     from nemo_neo.distill import KDLossConfig
+    from nemo_neo.eval.throughput import machine
 
     cuda = _device(args.device) == "cuda"
     phys = (torch.cuda.get_device_properties(0).total_memory if cuda
             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     chunk = args.chunk_tokens if args.chunk_tokens != "default" else KDLossConfig().chunk_tokens
     result = {
-        "machine": _machine() if not cuda else torch.cuda.get_device_name(0),
+        "machine": torch.cuda.get_device_name(0) if cuda else f"{machine()['cpu']}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         **({"cuda": torch.version.cuda} if cuda else {}),
         "threads": torch.get_num_threads(),

@@ -46,41 +46,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from memory_probe import MemoryProbe  # noqa: E402
+
 METHODS = ("sft", "lora", "kd", "llm_neo", "peer")
 ALPHA = 0.5
-
-
-# --------------------------------------------------------------------------------------------
-# Memory probes
-
-
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-class MemoryProbe:
-    def __init__(self, device: str):
-        self.cuda = device == "cuda"
-
-    def current(self) -> int:
-        return torch.cuda.memory_allocated() if self.cuda else _proc_status_kib("VmRSS") * 1024
-
-    def peak(self) -> int:
-        return torch.cuda.max_memory_allocated() if self.cuda else _proc_status_kib("VmHWM") * 1024
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------------------------

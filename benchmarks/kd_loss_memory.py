@@ -158,8 +158,6 @@ def worker_memory(args) -> dict:
 
 
 def worker_time(args) -> dict:
-    import torch
-
     device = _device(args.device)
     impls = args.impls.split(",")
     calls = {impl: _runner(impl, args.chunk_tokens) for impl in impls}

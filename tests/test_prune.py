@@ -12,7 +12,7 @@ from conftest import REPO, SHARED_DATA, torchrun
 from nemo_neo.checkpoint.convert import convert_hf_to_neo, convert_neo_to_hf
 from nemo_neo.checkpoint.native import load_full_state, save_full_state
 from nemo_neo.models.load import load_model
-from nemo_neo.prune import (ImportanceConfig, PruneTargetError, compute_importance, layers_skipped, loss_metric,
+from nemo_neo.prune import (ImportanceConfig, PruneTargetError, compute_importance, layers_skipped,
                             prune_width, prune_width_random, pruned_arch, search_depth, write_report)
 
 TOOL = REPO / "tools" / "prune.py"

@@ -70,7 +70,8 @@ def main():
         table[name] = {"val_loss": after["loss"], "val_kl": after.get("kl"), "before_loss": m["before"]["loss"],
                        "peak_memory_gb": max(h["peak_memory_gb"] for h in m["history"]),
                        "tokens_per_s": sorted(h["tokens_per_s"] for h in m["history"])[len(m["history"]) // 2],
-                       "parameters": m.get("trainable", {}).get("total")}
+                       "parameters": m.get("trainable", {}).get("total"),
+                       "trainable_parameters": m.get("trainable", {}).get("trainable")}
         (root / "claims.json").write_text(json.dumps(table, indent=2) + "\n")
         plot(table, root / "claims.png")
     print(json.dumps(table, indent=2))

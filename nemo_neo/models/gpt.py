@@ -39,25 +39,25 @@ def check_parallel_fit(arch: GPTArch, tp: int, pp: int) -> None:
         )
 
 
+def shape_kwargs(arch: GPTArch) -> dict:
+    """The model's shape in megatron-core TransformerConfig field names (NeMo's GPT configs share them)."""
+    return dict(num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+                num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
+                kv_channels=arch.head_dim, layernorm_epsilon=arch.norm_eps, add_qkv_bias=arch.qkv_bias)
+
+
 def transformer_config(arch: GPTArch, tp: int = 1, pp: int = 1, dtype=torch.float32, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     check_parallel_fit(arch, tp, pp)
     kwargs = dict(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        ffn_hidden_size=arch.ffn_hidden_size,
-        num_attention_heads=arch.num_attention_heads,
-        num_query_groups=arch.num_query_groups,
-        kv_channels=arch.head_dim,
+        **shape_kwargs(arch),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         normalization="RMSNorm",
-        layernorm_epsilon=arch.norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=arch.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_neo.models.arch import GPTArch, UnsupportedConfigError, arch_from_hf_config
+from nemo_neo.models.gpt import shape_kwargs
 
 
 class UnsupportedNemoModelError(UnsupportedConfigError):
@@ -114,17 +115,10 @@ def nemo_config_from_arch(arch: GPTArch, dtype: torch.dtype = torch.float32, **o
 
     rope = arch.rope
     kwargs = dict(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        ffn_hidden_size=arch.ffn_hidden_size,
-        num_attention_heads=arch.num_attention_heads,
-        num_query_groups=arch.num_query_groups,
-        kv_channels=arch.head_dim,
-        layernorm_epsilon=arch.norm_eps,
+        **shape_kwargs(arch),
         rotary_base=rope.theta,
         seq_length=arch.max_position_embeddings,
         share_embeddings_and_output_weights=arch.tie_embeddings,
-        add_qkv_bias=arch.qkv_bias,
         vocab_size=arch.vocab_size,
         params_dtype=dtype,
         pipeline_dtype=dtype,

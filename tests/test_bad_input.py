@@ -166,3 +166,19 @@ def test_cpu_layer_leaves_global_torch_alone(parallel_ctx):
     assert torch.cuda.synchronize is not layers.torch.cuda.synchronize
     with pytest.raises((RuntimeError, AssertionError, AttributeError)):
         torch.cuda.current_device()  # real torch still has no CUDA
+
+
+def test_written_checkpoint_files_follow_the_umask(hf_model_factory, tmp_path):
+    """safetensors creates its files 0600; a published checkpoint is readable as the umask allows."""
+    import os
+    import stat
+
+    out = tmp_path / "neo"
+    old = os.umask(0o022)
+    try:
+        convert_hf_to_neo(hf_model_factory("mistral_explicit_head_dim"), out)
+    finally:
+        os.umask(old)
+    assert list(out.glob("*.safetensors"))
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

@@ -25,11 +25,21 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def _fsync_tree(root: Path) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _finish_files(root: Path) -> None:
+    """fsync every file and give it the permissions the user's umask asks for: safetensors (0.8)
+    creates its files 0600, which would leave a shared checkpoint unreadable by anyone else."""
+    mode = 0o666 & ~_umask()
     for path in root.rglob("*"):
-        if path.is_file():
+        if path.is_file() and not path.is_symlink():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+            os.chmod(path, mode | (path.stat().st_mode & 0o111))  # keep execute bits
 
 
 def tmp_path_for(out: Path) -> Path:
@@ -38,7 +48,7 @@ def tmp_path_for(out: Path) -> Path:
 
 def publish(tmp: Path, out: Path) -> None:
     """Move a finished temporary directory to `out`, replacing what was there."""
-    _fsync_tree(tmp)
+    _finish_files(tmp)
     old = out.parent / f".{out.name}.old"
     if old.exists():
         shutil.rmtree(old)

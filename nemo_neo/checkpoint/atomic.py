@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 
@@ -25,21 +26,18 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _finish_files(root: Path) -> None:
     """fsync every file and give it the permissions the user's umask asks for: safetensors (0.8)
-    creates its files 0600, which would leave a shared checkpoint unreadable by anyone else."""
-    mode = 0o666 & ~_umask()
+    creates its files 0600, which would leave a shared checkpoint unreadable by anyone else. The mode
+    is read off `root`, which was made by a plain mkdir (0777 minus the umask): os.umask() itself can
+    only be read by setting it, which races with threads creating files meanwhile."""
+    mode = stat.S_IMODE(root.stat().st_mode) & 0o666
     for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
+        if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-            os.chmod(path, mode | (path.stat().st_mode & 0o111))  # keep execute bits
+            if not path.is_symlink():  # chmod would follow it out of the tree
+                os.chmod(path, mode | (path.stat().st_mode & 0o111))  # keep execute bits
 
 
 def tmp_path_for(out: Path) -> Path:

@@ -43,10 +43,10 @@ def resolve_teacher(cfg, ctx, run: RunDirectory) -> Path:
         return out
     from nemo_neo.models.default_teacher import default_teacher_checkpoint
 
-    if ctx.local_rank == 0:  # one process per node converts (once, cached); the others wait for it
-        default_teacher_checkpoint()
+    # one process per node converts (once, cached); the others wait for it, then look it up
+    path = default_teacher_checkpoint() if ctx.local_rank == 0 else None
     dist.barrier()
-    return default_teacher_checkpoint()
+    return path or default_teacher_checkpoint()
 
 
 def run(cfg: DictConfig) -> dict:

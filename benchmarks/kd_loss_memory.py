@@ -144,9 +144,8 @@ def worker_memory(args) -> dict:
 
     probe = MemoryProbe(device)
     probe.reset_peak()
-    base = probe.current() if probe.resettable else probe.peak()
     call(student, teacher)
-    peak = probe.peak() - base
+    peak = probe.growth()
     if device == "cuda":
         out["cuda_peak_bytes"] = out["peak_bytes"] = peak
         return out

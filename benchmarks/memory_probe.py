@@ -25,6 +25,7 @@ class MemoryProbe:
     def __init__(self, device: str):
         self.cuda = device == "cuda"
         self.resettable = True
+        self.base: int | None = None  # set by reset_peak()
 
     def current(self) -> int:
         return torch.cuda.memory_allocated() if self.cuda else _proc_status_bytes("VmRSS")
@@ -36,18 +37,23 @@ class MemoryProbe:
             return _proc_status_bytes("VmHWM")
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    def reset_peak(self) -> bool:
-        """Make peak() start from the current usage; False where the CPU peak cannot be reset (then
-        peak() - current() is a lower bound if the process peaked higher before)."""
+    def reset_peak(self) -> None:
+        """Make peak() start from the current usage, and remember the usage growth() is measured from.
+        Where the CPU peak cannot be reset, that is the lifetime peak so far (growth() is then a lower
+        bound if the process peaked higher before)."""
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            return True
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-        except OSError:
-            self.resettable = False
-        return self.resettable
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+            except OSError:
+                self.resettable = False
+        self.base = self.current() if self.resettable else self.peak()
+
+    def growth(self) -> int:
+        """Peak usage above the baseline taken by the last reset_peak()."""
+        return self.peak() - self.base
 
     def sync(self) -> None:
         if self.cuda:

@@ -14,15 +14,15 @@ times the one-time GGUF -> nemo_neo conversion when --conversion is given.
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # random_models
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 
 def main():
@@ -41,9 +41,9 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from nemo_neo.checkpoint.convert import convert_hf_to_neo, convert_neo_to_hf
-    from nemo_neo.models.default_teacher import default_teacher_checkpoint, gguf_path
-    from nemo_neo.models.load import load_model
+    from nemo_neo.checkpoint.load import load_model
     from nemo_neo.parallel import initialize
+    from nemo_neo.recipes.default_teacher import default_teacher_checkpoint, gguf_path
 
     dtype = getattr(torch, args.dtype)
     cuda = torch.cuda.is_available()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""KD-LoRA and its baselines on real GLUE tasks (issue 5), through `nemo_neo.peft.kd_lora.run_task`.
+"""KD-LoRA and its baselines on real GLUE tasks (issue 5), through `nemo_neo.recipes.kd_lora.run_task`.
 
 Per task: (a) the real SmolLM2-135M-Instruct is fully fine-tuned on the task (the paper's FFT of the
 large model, and KD-LoRA's teacher); (b) the student is the teacher without half its layers (15 of
@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 METHODS = ("kd_lora", "fft", "lora")  # kd_lora first: it fine-tunes (and saves) the task's teacher
 
 
 def run(task: str, method: str, args, student: Path, teacher: Path, ctx) -> dict:
-    from nemo_neo.peft.kd_lora import KDLoRATaskConfig, StageConfig, run_task
+    from nemo_neo.recipes.kd_lora import KDLoRATaskConfig, StageConfig, run_task
 
     run_dir = args.root / task / method
     if (run_dir / "metrics.json").is_file():
@@ -120,9 +121,9 @@ def main():
     args = p.parse_args()
     args.root = args.root.resolve()
 
-    from nemo_neo.models.default_teacher import default_teacher_checkpoint
     from nemo_neo.parallel import initialize
-    from nemo_neo.peft.kd_lora import make_student_checkpoint
+    from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
+    from nemo_neo.recipes.kd_lora import make_student_checkpoint
 
     ctx = initialize()
     teacher = default_teacher_checkpoint()

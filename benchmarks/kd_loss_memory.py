@@ -46,7 +46,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 # The naive formula's peak in bytes per logit (measured 20.0 on CPU: fp32 log-softmax of student and
 # teacher, kl_div's elementwise temporaries, fp32 gradients, the bf16 gradient). Only used to decide
@@ -220,7 +222,7 @@ def main():
     import torch
 
     from nemo_neo.distill import KDLossConfig
-    from nemo_neo.eval.throughput import machine
+    from nemo_neo.recipes.throughput import machine
 
     cuda = _device(args.device) == "cuda"
     phys = (torch.cuda.get_device_properties(0).total_memory if cuda

@@ -16,14 +16,14 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # random_models
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 
 def main():
@@ -41,10 +41,10 @@ def main():
 
     from nemo_neo.data.dataset import load_token_rows
     from nemo_neo.distill.losses import KDLossConfig
-    from nemo_neo.distill.run import distill
-    from nemo_neo.models.default_teacher import default_teacher_checkpoint
     from nemo_neo.parallel import initialize
     from nemo_neo.prune import drop_layers_checkpoint
+    from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
+    from nemo_neo.recipes.distill import distill
     from nemo_neo.train.loop import TrainConfig
 
     ctx = initialize()

@@ -3,7 +3,7 @@
 
 Same student, same data, one run. Teacher: SmolLM2-135M-Instruct (30 layers); student: the teacher
 without layers 15-29; real text (WikiText-2 valid from ../shared/data when present, else the
-offline default corpus). Our four methods run through `nemo_neo.distill.methods.train_student`
+offline default corpus). Our four methods run through `nemo_neo.recipes.methods.train_student`
 itself (the real entry point: Trainer, megatron DDP and optimizer, chunked KD loss); LoRA rank 128
 on every linear layer (the LLM-Neo default), alpha = 0.5.
 
@@ -44,8 +44,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 from memory_probe import MemoryProbe  # noqa: E402
 
 METHODS = ("sft", "lora", "kd", "llm_neo", "peer")
@@ -59,8 +60,8 @@ ALPHA = 0.5
 def run_ours(args, probe: MemoryProbe) -> dict:
     """train_student itself, with a Trainer that resets the peak once the models are loaded and
     reads it after every step."""
-    import nemo_neo.distill.methods as methods
-    import nemo_neo.distill.run as run
+    import nemo_neo.recipes.distill as run
+    import nemo_neo.recipes.methods as methods
     from nemo_neo.parallel import initialize
     from nemo_neo.peft import LoRAConfig
     from nemo_neo.train.loop import TrainConfig, Trainer
@@ -135,8 +136,8 @@ def prepare(args) -> None:
 
     from nemo_neo.checkpoint.convert import convert_neo_to_hf
     from nemo_neo.data.dataset import load_token_rows
-    from nemo_neo.models.default_teacher import default_teacher_checkpoint
     from nemo_neo.prune import drop_layers_checkpoint
+    from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
 
     work = Path(args.work_dir)
     teacher = default_teacher_checkpoint()
@@ -199,7 +200,7 @@ def summarize(runs: dict, args) -> dict:
 def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    from nemo_neo.eval.throughput import machine as machine_info
+    from nemo_neo.recipes.throughput import machine as machine_info
 
     return f"{machine_info()['cpu']}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 

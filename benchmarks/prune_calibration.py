@@ -9,13 +9,13 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 
 def main():
@@ -27,12 +27,12 @@ def main():
     args = p.parse_args()
     from transformers import AutoTokenizer
 
+    from nemo_neo.checkpoint.load import load_model
     from nemo_neo.checkpoint.native import load_full_state
     from nemo_neo.data import load_token_rows
-    from nemo_neo.models.default_teacher import default_teacher_checkpoint
-    from nemo_neo.models.load import load_model
     from nemo_neo.parallel import initialize
     from nemo_neo.prune import ImportanceConfig, compute_importance, prune_width
+    from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
     from nemo_neo.train.schedule import run_microbatches
 
     ckpt = default_teacher_checkpoint()

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 # SmolLM2-135M-Instruct's config.json (as converted from the GGUF), minus label/problem fields.
 SMOLLM2_135M_CONFIG = dict(

@@ -16,10 +16,11 @@ the table reports the median output tokens/s per row and the ratios to the teach
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 def build_students(teacher: Path, work: Path) -> dict[str, Path]:
     from benchmarks.random_models import build_students as build  # one definition of the two students
@@ -48,8 +49,8 @@ def main() -> None:
 
     import torch
 
-    from nemo_neo.eval.throughput import parse_pairs, plot, run_study, Row
-    from nemo_neo.models.default_teacher import default_teacher_checkpoint
+    from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
+    from nemo_neo.recipes.throughput import Row, parse_pairs, plot, run_study
 
     out = Path(args.out)
     models = build_students(default_teacher_checkpoint(), Path(args.work) if args.work else out / "students")

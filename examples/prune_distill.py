@@ -15,21 +15,20 @@ resumes an interrupted one. Presets (conf/preset/*.yaml) set a paper's hyperpara
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nemo_neo import enable_compat  # noqa: E402
 
-from nemo_neo.recipe.errors import exit_on_user_error  # noqa: E402
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
+
+from nemo_neo.errors import exit_on_user_error  # noqa: E402
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="prune_distill")
 def main(cfg: DictConfig) -> None:
     from nemo_neo.parallel import destroy
-    from nemo_neo.recipe.driver import run
+    from nemo_neo.recipes.driver import run
 
     with exit_on_user_error():
         run(cfg)

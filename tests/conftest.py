@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +30,10 @@ def _nemo_llm_installed() -> bool:
 collect_ignore = [] if _nemo_llm_installed() else ["nemo"]
 # Real public data beside the checkout (../shared/data, see its SOURCES.md); override for other layouts.
 SHARED_DATA = Path(os.environ.get("NEMO_NEO_SHARED_DATA", REPO.parent / "shared" / "data"))
-sys.path.insert(0, str(REPO))
+
+from nemo_neo import _compat  # noqa: E402
+
+_compat.enable()  # what every nemo_neo entry point does first (the suite is one)
 
 # Random configs that differ from SmolLM2 in the ways the converter must handle.
 RANDOM_CONFIGS = {
@@ -123,7 +126,7 @@ def module_tmp(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_ckpt():
     """The real SmolLM2-135M-Instruct teacher as a nemo_neo checkpoint (converted once, cached)."""
-    from nemo_neo.models.default_teacher import default_teacher_checkpoint
+    from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
 
     return default_teacher_checkpoint()
 

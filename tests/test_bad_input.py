@@ -159,7 +159,7 @@ def test_cpu_layer_leaves_global_torch_alone(parallel_ctx):
     import torch
     from megatron.core.tensor_parallel import layers
 
-    from nemo_neo.parallel import cpu_compat
+    from nemo_neo._compat import cpu as cpu_compat
 
     assert cpu_compat.is_active()
     assert layers.torch.cuda.current_device() == torch.device("cpu")

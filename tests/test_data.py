@@ -34,7 +34,7 @@ SEQ = 64
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from nemo_neo.models.default_teacher import default_teacher_checkpoint
+    from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
 
     return AutoTokenizer.from_pretrained(default_teacher_checkpoint())
 

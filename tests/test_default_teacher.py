@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from nemo_neo.models import default_teacher
+from nemo_neo.recipes import default_teacher
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ def test_unknown_task_python(pack, smollm2_ckpt):
 
 def test_unknown_task_cli(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-m", "nemo_neo.eval.cli", "--model", "nemo_neo", "--model_args",
+    proc = subprocess.run([sys.executable, "-m", "nemo_neo.cli.eval", "--model", "nemo_neo", "--model_args",
                            f"checkpoint={tmp_path}", "--tasks", "no_such_task_xyz"], capture_output=True, text=True,
                           timeout=300, cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stderr[-3000:]

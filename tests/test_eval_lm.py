@@ -149,14 +149,14 @@ def test_parallel_answers_equal_single_process(tiny_ckpt, tiny_tp1_answers, tmp_
 
 
 def test_cli_registers_model_and_task_pack(tiny_ckpt, tmp_path):
-    """`python -m nemo_neo.eval.cli` is lm-eval's CLI with --model nemo_neo and the pack; its
+    """`python -m nemo_neo.cli.eval` is lm-eval's CLI with --model nemo_neo and the pack; its
     accuracy equals the Python API's on the same documents."""
     from conftest import REPO
 
     from nemo_neo.eval.harness import evaluate
 
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "nemo_neo.eval.cli", "--model", "nemo_neo", "--model_args",
+    cmd = [sys.executable, "-m", "nemo_neo.cli.eval", "--model", "nemo_neo", "--model_args",
            f"checkpoint={tiny_ckpt},dtype=float32", "--tasks", "neo_winogrande", "--limit", "8", "--batch_size", "4",
            "--metadata", json.dumps({"data_dir": str(SHARED_DATA)}), "--output_path", str(out)]
     # a fresh world of one: drop the torch.distributed variables this process's own world set

@@ -38,8 +38,8 @@ def student(smollm2_ckpt, module_tmp):
 def test_pruned_student_export_has_identical_logits(student, parallel_ctx, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from nemo_neo.checkpoint.load import load_model
     from nemo_neo.export import export_hf
-    from nemo_neo.models.load import load_model
 
     report = export_hf(student, tmp_path / "hf", dtype="float32")
     assert report["has_tokenizer"]

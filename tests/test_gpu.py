@@ -31,7 +31,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 sys.path.insert(0, str(REPO / "tests"))
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -104,10 +106,10 @@ def release():
 def test_initialize_picks_nccl_and_cuda(parallel_ctx, smol):
     import torch.distributed as dist
 
+    from nemo_neo._compat import cpu as cpu_compat
+    from nemo_neo.checkpoint.load import load_model
     from nemo_neo.models.arch import arch_from_hf_config
     from nemo_neo.models.gpt import transformer_config
-    from nemo_neo.models.load import load_model
-    from nemo_neo.parallel import cpu_compat
 
     assert dist.get_backend() == "nccl"
     assert parallel_ctx.device == torch.device("cuda", torch.cuda.current_device())
@@ -124,7 +126,7 @@ def test_initialize_picks_nccl_and_cuda(parallel_ctx, smol):
 def test_forward_matches_transformers_fp32_and_bf16(parallel_ctx, smol):
     """Reference: transformers in fp64 on the GPU. fp32 must agree to rounding; bf16 as well as
     transformers' own bf16 does (within 2x its error)."""
-    from nemo_neo.models.load import load_model
+    from nemo_neo.checkpoint.load import load_model
 
     device = parallel_ctx.device
     ids = torch.randint(0, SMOL["vocab_size"], (2, 256), generator=torch.Generator().manual_seed(0)).to(device)
@@ -190,8 +192,8 @@ def test_lora_on_cuda_matches_transformers_with_adapters_added(parallel_ctx, smo
     """MoSLoRA on q,v (scattered rows) + all other linears, fp32 on CUDA. Reference: transformers in
     fp64 with W + (alpha / r) B M A added to each adapted weight by hand."""
     from nemo_neo.checkpoint.convert import convert_neo_to_hf
+    from nemo_neo.checkpoint.load import load_model
     from nemo_neo.checkpoint.native import load_full_state, save_full_state
-    from nemo_neo.models.load import load_model
     from nemo_neo.peft import LoRAConfig, adapters_of, apply_lora, merge_lora
 
     device = parallel_ctx.device
@@ -420,7 +422,7 @@ def _kd_exact(ctx, args, out: Path) -> dict:
     from nemo_neo.checkpoint import sharding
     from nemo_neo.distill import KDLossConfig
     from nemo_neo.distill.objective import kd_loss_fn
-    from nemo_neo.distill.run import build_pair
+    from nemo_neo.recipes.distill import build_pair
     from nemo_neo.train.schedule import run_microbatches, wrap_ddp
 
     pair, arch = build_pair(ctx, args.student, args.teacher, dtype=torch.float32)
@@ -453,7 +455,7 @@ def _optimizer_numel(optimizer) -> int:
 def _trainer(ctx, args, run_dir, steps, lora=False):
     from nemo_neo.distill import KDLossConfig
     from nemo_neo.distill.objective import distillation_metrics, kd_loss_fn
-    from nemo_neo.distill.run import build_pair
+    from nemo_neo.recipes.distill import build_pair
     from nemo_neo.train.loop import TrainConfig, Trainer
     from nemo_neo.train.optim import OptimConfig
 
@@ -479,8 +481,8 @@ def _trainer(ctx, args, run_dir, steps, lora=False):
 
 
 def _train(ctx, args, out: Path) -> dict:
+    from nemo_neo.checkpoint.load import load_model
     from nemo_neo.checkpoint.native import gather_stage_tensors, load_full_state, local_tensors
-    from nemo_neo.models.load import load_model
     from nemo_neo.train.loop import peak_memory_bytes
 
     if torch.cuda.is_available():
@@ -541,7 +543,8 @@ def worker_main(argv=None) -> None:
     """torchrun --nproc_per_node 1 tests/test_gpu.py --student S --teacher T --out O"""
     import torch.distributed as dist
 
-    from nemo_neo.parallel import cpu_compat, destroy, initialize
+    from nemo_neo._compat import cpu as cpu_compat
+    from nemo_neo.parallel import destroy, initialize
 
     p = argparse.ArgumentParser()
     for name in ("--student", "--teacher", "--out"):

@@ -5,7 +5,7 @@ import torch
 from conftest import ARCH_CONFIGS, RANDOM_CONFIGS, SHARED_DATA
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
-from nemo_neo.models.load import load_model
+from nemo_neo.checkpoint.load import load_model
 
 TOL = 1e-4
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from nemo_neo.data.glue import (accuracy, compute_metrics, f1_binary, get_task, matthews_corrcoef, read_glue)
+from nemo_neo.data.glue import accuracy, compute_metrics, f1_binary, get_task, matthews_corrcoef, read_glue
 
 GLUE = SHARED_DATA / "glue"
 
@@ -72,15 +72,15 @@ def test_glue_reader_fields():
 
 @pytest.fixture(scope="module")
 def student_ckpt(smollm2_ckpt, module_tmp):
-    from nemo_neo.peft.kd_lora import make_student_checkpoint
+    from nemo_neo.recipes.kd_lora import make_student_checkpoint
 
     # half the layers, the middle block (Minitron: first and last layers matter most)
     return make_student_checkpoint(smollm2_ckpt, module_tmp("kd_lora") / "student", drop_layers=range(8, 23))
 
 
 def test_prompts_label_words_and_class_logits(student_ckpt, parallel_ctx):
-    from nemo_neo.models.load import load_model
-    from nemo_neo.peft import kd_lora as K
+    from nemo_neo.checkpoint.load import load_model
+    from nemo_neo.recipes import kd_lora as K
 
     tok = K.load_tokenizer(student_ckpt)
     for name in ("SST-2", "RTE", "MRPC", "CoLA"):  # every task's label words are single, distinct tokens
@@ -113,7 +113,7 @@ def test_kd_lora_sst2_beats_untrained_student_and_only_adapters_change(smollm2_c
     of 16 over 256 training examples) lifted it to 62.5% when this test was written (seeded, so the
     run is deterministic on one platform). The assertion asks for 8 points: ~1.8 standard errors of
     an accuracy near 0.5 on 128 examples, with 2 points of room for other platforms' float rounding."""
-    from nemo_neo.peft import kd_lora as K
+    from nemo_neo.recipes import kd_lora as K
 
     snapshot = {}
 
@@ -152,7 +152,7 @@ def test_kd_lora_sst2_beats_untrained_student_and_only_adapters_change(smollm2_c
 
 
 def test_run_task_rejects_bad_input(tmp_path):
-    from nemo_neo.peft import kd_lora as K
+    from nemo_neo.recipes import kd_lora as K
 
     with pytest.raises(ValueError, match="unknown method"):
         K.run_task("SST-2", "distill", glue_root=str(GLUE), student_ckpt="x")

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
+from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import load_full_state
-from nemo_neo.distill.methods import METHODS, MethodConfig, MethodConfigError, train_student, validation_metrics
-from nemo_neo.models.load import load_model
 from nemo_neo.peft import LoRAConfig, apply_lora, load_adapters
+from nemo_neo.recipes.methods import METHODS, MethodConfig, MethodConfigError, train_student, validation_metrics
 from nemo_neo.train.loop import TrainConfig
 from nemo_neo.train.optim import OptimConfig
 

@@ -8,9 +8,18 @@ from conftest import SHARED_DATA, torchrun
 from safetensors import safe_open
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
+from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import load_full_state, local_tensors, save_full_state
-from nemo_neo.models.load import load_model
-from nemo_neo.peft import LoRAConfig, LoRAConfigError, adapters_of, apply_lora, load_adapters, merge_lora, save_adapters, trainable_report
+from nemo_neo.peft import (
+    LoRAConfig,
+    LoRAConfigError,
+    adapters_of,
+    apply_lora,
+    load_adapters,
+    merge_lora,
+    save_adapters,
+    trainable_report,
+)
 
 WORKER = "tests/workers/lora_worker.py"
 

@@ -10,10 +10,17 @@ import torch
 from conftest import REPO, SHARED_DATA, torchrun
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo, convert_neo_to_hf
+from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import load_full_state, save_full_state
-from nemo_neo.models.load import load_model
-from nemo_neo.prune import (ImportanceConfig, PruneTargetError, compute_importance, layers_skipped,
-                            prune_width, prune_width_random, pruned_arch, search_depth, write_report)
+from nemo_neo.prune import (
+    ImportanceConfig,
+    PruneTargetError,
+    compute_importance,
+    prune_width,
+    prune_width_random,
+    pruned_arch,
+)
+from nemo_neo.recipes.depth_search import layers_skipped, search_depth, write_report
 
 TOOL = REPO / "tools" / "prune.py"
 
@@ -234,7 +241,7 @@ def test_cli_prunes_checkpoint_by_depth_search(smol_vocab_ckpt, tmp_path):
 def test_depth_search_by_task_accuracy(smol_vocab_ckpt, parallel_ctx):
     """Depth by a downstream task: each candidate is scored by lm-eval accuracy on local WinoGrande."""
     pytest.importorskip("lm_eval")
-    from nemo_neo.prune.depth_search import task_metric
+    from nemo_neo.recipes.depth_search import task_metric
 
     model, arch, _ = load_model(smol_vocab_ckpt, parallel_ctx)
     metric = task_metric(parallel_ctx, smol_vocab_ckpt, "neo_winogrande", limit=8, data_dir=SHARED_DATA)

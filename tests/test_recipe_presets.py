@@ -8,7 +8,7 @@ from conftest import REPO
 
 from nemo_neo.models.arch import arch_from_hf_config
 from nemo_neo.prune.width import pruned_arch
-from nemo_neo.recipe import config as rc
+from nemo_neo.recipes import config as rc
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "preset").glob("*.yaml"))
 

@@ -72,7 +72,7 @@ def test_torch_backend_exact_osl_json_and_png(tiny_models, tmp_path):
 
 def test_torch_backend_ignores_eos(tiny_models):
     """Even when the model wants to stop right away (EOS forced to the top), OSL tokens come out."""
-    from nemo_neo.eval.throughput import TorchBackend
+    from nemo_neo.recipes.throughput import TorchBackend
 
     teacher, _ = tiny_models
     backend = TorchBackend(teacher, precision="fp32", device="cpu")

@@ -79,7 +79,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_pair, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_pair, tmp_path, parallel_ctx):
     from nemo_neo.distill.losses import KDLossConfig
     from nemo_neo.distill.objective import kd_loss_fn
-    from nemo_neo.distill.run import build_pair
+    from nemo_neo.recipes.distill import build_pair
     from nemo_neo.train.loop import NonFiniteLossError, TrainConfig, Trainer
 
     pair, arch = build_pair(parallel_ctx, tiny_pair / "student", tiny_pair / "teacher")
@@ -115,7 +115,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_pair, tmp_path, pa
 def test_activation_recompute_gives_identical_gradients(tiny_pair, parallel_ctx):
     from nemo_neo.distill.losses import KDLossConfig
     from nemo_neo.distill.objective import kd_loss_fn
-    from nemo_neo.distill.run import build_pair
+    from nemo_neo.recipes.distill import build_pair
     from nemo_neo.train.schedule import run_microbatches, wrap_ddp
 
     ids = torch.randint(0, 49152, (2, 13), generator=torch.Generator().manual_seed(0))

@@ -7,14 +7,16 @@ or an error leaves the previous contents (if any) untouched and no partial outpu
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
 from pathlib import Path
 
+from nemo_neo.errors import OutputExistsError, disk_write_error
 
-class OutputExistsError(FileExistsError):
-    pass
+# errnos that mean "this filesystem will not take the write", which the user fixes (space, rights)
+_WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -58,17 +60,28 @@ def publish(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
+def cleaned_up_on_error(tmp: Path, out: Path):
+    """Around the writes into `tmp` (to be published as `out`): any error removes `tmp`, and a write
+    the filesystem refuses (full disk, no permission) becomes one `DiskWriteError` naming `out` and
+    the free space. What `out` held before is untouched either way."""
+    try:
+        yield
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _WRITE_REFUSED:
+            raise disk_write_error(e, out) from e
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory; on success it becomes `out`, on error it is removed."""
     out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(out)
-    if tmp.exists():  # left over by a run that was killed
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with cleaned_up_on_error(tmp, out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over by a run that was killed
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish(tmp, out)
+        publish(tmp, out)

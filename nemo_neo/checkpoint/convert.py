@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from nemo_neo.checkpoint import atomic
-from nemo_neo.checkpoint.hf_io import copy_tokenizer_files, has_tokenizer, read_hf, write_hf_dir
-from nemo_neo.checkpoint.hf_mapping import hf_to_neo, neo_to_hf
+from nemo_neo.checkpoint.hf_io import CheckpointError, copy_tokenizer_files, has_tokenizer, read_hf, write_hf_dir
+from nemo_neo.checkpoint.hf_mapping import expected_neo_shapes, hf_to_neo, neo_to_hf
 from nemo_neo.checkpoint.native import load_full_state, save_full_state
 from nemo_neo.models.gpt import check_parallel_fit
 
@@ -21,7 +21,6 @@ def convert_hf_to_neo(hf_path, out, tp: int = 1, pp: int = 1, overwrite: bool = 
     check_parallel_fit(arch, tp, pp)
     missing = [k for k in _required_hf_names(arch) if k not in hf_state]
     if missing:
-        from nemo_neo.checkpoint.hf_io import CheckpointError
 
         raise CheckpointError(f"{hf_path} lacks {len(missing)} tensors its config needs (e.g. {missing[:3]}).")
     neo = hf_to_neo(hf_state, arch)
@@ -30,7 +29,6 @@ def convert_hf_to_neo(hf_path, out, tp: int = 1, pp: int = 1, overwrite: bool = 
 
 
 def _required_hf_names(arch) -> list[str]:
-    from nemo_neo.checkpoint.hf_mapping import expected_neo_shapes
 
     names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if arch.tie_embeddings else ["lm_head.weight"])
     for i in range(arch.num_layers):

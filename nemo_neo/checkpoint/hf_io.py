@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nemo_neo.errors import CheckpointError
 from nemo_neo.models.arch import GPTArch, arch_from_hf_config
 
 # Files that travel with a model so that AutoTokenizer / generation work on the output.
@@ -25,10 +26,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 MAX_SHARD_BYTES = 4 * 1024**3
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated, or does not match its config."""
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

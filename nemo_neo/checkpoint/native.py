@@ -112,27 +112,32 @@ def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx, tokenizer_
     tmp = atomic.tmp_path_for(out)
     if ctx.is_main:
         atomic.check_output_dir(out, overwrite)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        with atomic.cleaned_up_on_error(tmp, out):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
     dist.barrier()
     full = gather_stage_tensors(local_tensors(model, arch), arch, ctx)
     writer = ctx.tp_rank == 0 and ctx.dp_rank == 0
     described = {}
-    if writer:
-        fname = _stage_file(ctx.pp_rank)
-        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / fname), metadata={"format": "pt"})
-        described = _describe(full, fname)
-    if rank_state is not None:
-        rank_state_file(tmp, ctx.rank).parent.mkdir(exist_ok=True)
-        torch.save(rank_state, rank_state_file(tmp, ctx.rank))
+    # A rank whose write fails raises here; the others then wait at the next collective until
+    # torchrun ends the job (a dead rank ends the job). `out` keeps what it held.
+    with atomic.cleaned_up_on_error(tmp, out):
+        if writer:
+            fname = _stage_file(ctx.pp_rank)
+            save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / fname), metadata={"format": "pt"})
+            described = _describe(full, fname)
+        if rank_state is not None:
+            rank_state_file(tmp, ctx.rank).parent.mkdir(exist_ok=True)
+            torch.save(rank_state, rank_state_file(tmp, ctx.rank))
     tensors = merge_stage_dicts(described, ctx)
     if ctx.is_main:
-        _check_complete(arch, tensors, "distributed save")
-        _write_index(tmp, arch, tensors, ctx.tp_size, ctx.pp_size, metadata)
-        if tokenizer_src is not None:
-            copy_tokenizer_files(Path(tokenizer_src), tmp)
-        atomic.publish(tmp, out)
+        with atomic.cleaned_up_on_error(tmp, out):
+            _check_complete(arch, tensors, "distributed save")
+            _write_index(tmp, arch, tensors, ctx.tp_size, ctx.pp_size, metadata)
+            if tokenizer_src is not None:
+                copy_tokenizer_files(Path(tokenizer_src), tmp)
+            atomic.publish(tmp, out)
     dist.barrier()
     return out
 

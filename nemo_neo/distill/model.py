@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from nemo_neo.errors import ConfigError
 from nemo_neo.models.arch import GPTArch
 
 
-class TeacherMismatchError(ValueError):
+class TeacherMismatchError(ConfigError):
     """Teacher and student cannot be distilled (different vocabularies or tokenizers)."""
 
 

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from nemo_neo.data.dataset import collate
 from nemo_neo.distill.losses import KDLossConfig, distillation_loss
 from nemo_neo.parallel.reduce import sum_from_last_stage
 from nemo_neo.train.schedule import run_microbatches
@@ -65,7 +66,6 @@ def kd_with_correction_loss_fn(config: KDLossConfig, tp_group=None, chunk_tokens
 @torch.no_grad()
 def distillation_metrics(pair, ctx, rows: torch.Tensor, micro_batch_size: int, tp_group=None) -> dict:
     """Student LM loss and forward KL(teacher || student) per token on held-out rows."""
-    from nemo_neo.data.dataset import collate
 
     kl_config = KDLossConfig(kind="forward_kl")
     was_training = pair.training

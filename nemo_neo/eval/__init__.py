@@ -3,9 +3,9 @@
 - `validation_loss` (lm_loss.py): mean next-token loss of a sharded model on packed text.
 - `nemo_neo.eval.lm_eval_model.NeoLM`: the lm-eval model `nemo_neo` (importing it registers it).
 - `nemo_neo.eval.harness.evaluate`: run lm-eval tasks on a checkpoint from Python.
-- `python -m nemo_neo.eval.cli`: lm-eval's command line with `--model nemo_neo` available.
+- `python -m nemo_neo.cli.eval`: lm-eval's command line with `--model nemo_neo` available.
 - `nemo_neo.eval.tasks`: offline task pack (local files).
-- `nemo_neo.eval.throughput`: the generation throughput study (tools/throughput_bench.py).
+- `nemo_neo.recipes.throughput`: the generation throughput study (tools/throughput_bench.py).
 
 lm-eval is optional (pip install -e ".[eval]"); only the modules that need it import it.
 """

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import difflib
 
-from nemo_neo.eval.optional import require
+from nemo_neo.errors import EvalError
 from nemo_neo.eval.tasks import PACK_TASKS, task_manager
+from nemo_neo.optional import require
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(EvalError):
     pass
 
 
@@ -31,7 +32,7 @@ def check_tasks(tasks, manager) -> list[str]:
         near = "; ".join(f"{t} -> did you mean {', '.join(h)}?" for t, h in hints.items() if h)
         raise UnknownTaskError(
             f"unknown task(s) {', '.join(missing)}: not in lm-eval's registry or the nemo_neo pack ({', '.join(PACK_TASKS)})"
-            + (f" ({near})" if near else "") + "; list tasks with `python -m nemo_neo.eval.cli ls tasks` or add --include_path <dir>."
+            + (f" ({near})" if near else "") + "; list tasks with `python -m nemo_neo.cli.eval ls tasks` or add --include_path <dir>."
         )
     return tasks
 

@@ -4,7 +4,7 @@ Importing this module registers the model, after which
 
     lm_eval.simple_evaluate(model="nemo_neo", model_args="checkpoint=<dir>", tasks=[...])
 
-works; on the command line use `python -m nemo_neo.eval.cli ...` (lm-eval has no plugin
+works; on the command line use `python -m nemo_neo.cli.eval ...` (lm-eval has no plugin
 discovery for external models: its `--model` names come from its own registry, which this import
 fills). Tokenisation, context/continuation splitting, truncation, rolling windows and stop
 sequences follow lm-eval's `hf` model (`HFLM`) step by step, so the same checkpoint exported to
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nemo_neo.eval.optional import require
+from nemo_neo.optional import require
 
 require("lm_eval", "the nemo_neo lm-eval model")
 from lm_eval import utils as lm_utils  # noqa: E402
@@ -31,12 +31,16 @@ from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text  # noqa: E402
 
+from nemo_neo.checkpoint.hf_io import has_tokenizer  # noqa: E402
+from nemo_neo.checkpoint.load import load_model  # noqa: E402
+from nemo_neo.errors import EvalError  # noqa: E402
 from nemo_neo.eval.engine import ModelRunner  # noqa: E402
+from nemo_neo.parallel import ParallelConfig, initialize  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-class EvalSetupError(ValueError):
+class EvalSetupError(EvalError):
     """The checkpoint or the arguments cannot be evaluated (one line: problem and fix)."""
 
 
@@ -61,7 +65,6 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def check_checkpoint_tokenizer_only(tokenizer) -> None:
-    from nemo_neo.checkpoint.hf_io import has_tokenizer
 
     if not tokenizer or not has_tokenizer(tokenizer):
         raise EvalSetupError(f"an in-memory model needs tokenizer=<dir with tokenizer files>; got {tokenizer!r}.")
@@ -70,7 +73,6 @@ def check_checkpoint_tokenizer_only(tokenizer) -> None:
 
 def check_checkpoint(checkpoint, tokenizer=None) -> tuple[Path, Path]:
     """(checkpoint dir, tokenizer dir) or one clear error."""
-    from nemo_neo.checkpoint.hf_io import has_tokenizer
 
     if checkpoint is None:
         raise EvalSetupError("model_args needs checkpoint=<nemo_neo checkpoint dir>.")
@@ -111,11 +113,9 @@ class NeoLM(TemplateLM):
         else:  # an in-memory model (e.g. the recipe's evaluate stage): needs its tokenizer and ctx
             ckpt, tok_dir = check_checkpoint_tokenizer_only(tokenizer), Path(tokenizer)
         if ctx is None:
-            from nemo_neo.parallel import ParallelConfig, initialize
 
             ctx = initialize(ParallelConfig(tensor_parallel=int(tensor_parallel), pipeline_parallel=int(pipeline_parallel)))
         if model is None:
-            from nemo_neo.models.load import load_model
 
             model, arch, _ = load_model(ckpt, ctx, _dtype(dtype))
         self.ctx = ctx

@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from nemo_neo.checkpoint import atomic
-from nemo_neo.eval.optional import require
-from nemo_neo.export.hf import ExportError, as_hf_dir, copy_tokenizer, is_hf_dir, tokenizer_source
+from nemo_neo.export.hf import ExportError, as_hf_dir, copy_tokenizer, export_hf, is_hf_dir, tokenizer_source
+from nemo_neo.optional import require
 
 
 def read_calibration_text(paths) -> str:
@@ -124,7 +124,6 @@ def export_fp8(ckpt, out, calib_data, calib_samples: int = 64, calib_seq_len: in
 
 def export_bf16(ckpt, out, overwrite: bool = False, tokenizer=None) -> dict:
     """The unquantized counterpart: a BF16 HF checkpoint (what TensorRT-LLM runs without --quant)."""
-    from nemo_neo.export.hf import export_hf
 
     return export_hf(ckpt, out, dtype="bfloat16", overwrite=overwrite, tokenizer=tokenizer)
 

@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 
 from nemo_neo.checkpoint import atomic
+from nemo_neo.checkpoint.convert import convert_neo_to_hf
 from nemo_neo.checkpoint.hf_io import TOKENIZER_FILES, has_tokenizer
+from nemo_neo.errors import UserError
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The export cannot run as asked (one line: the problem and the fix)."""
 
 
@@ -75,7 +77,6 @@ def copy_tokenizer(src, dst) -> list[str]:
 def export_hf(ckpt, out, dtype="bfloat16", overwrite: bool = False, tokenizer=None) -> dict:
     """nemo_neo checkpoint -> HF directory in `dtype` (bfloat16 is what TensorRT-LLM and vLLM serve).
     Loads with transformers.AutoModelForCausalLM; logits match the checkpoint's (fp32: <= 1e-4)."""
-    from nemo_neo.checkpoint.convert import convert_neo_to_hf
 
     atomic.check_output_dir(out, overwrite)
     ckpt = check_source(ckpt)

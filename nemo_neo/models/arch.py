@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+from nemo_neo.errors import UnsupportedModelError
+
 # model_type -> HF class we convert to/from. Qwen2 is a Llama with biases on q/k/v.
 SUPPORTED_MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -20,7 +22,7 @@ SUPPORTED_MODEL_TYPES = {
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(UnsupportedModelError):
     """The HF config describes something nemo_neo's megatron-core GPT cannot express."""
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_neo.models.arch import GPTArch, UnsupportedConfigError
+from nemo_neo.models.attention import SDPAttention
 
 
 def transformer_engine_available() -> bool:
@@ -84,7 +85,6 @@ def layer_spec(use_te: bool | None = None):
         use_te = transformer_engine_available()
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    from nemo_neo.models.attention import SDPAttention
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention

@@ -20,15 +20,17 @@ if importlib.util.find_spec("nemo") is None:
         "(nemo-toolkit[llm]==2.7.3; nemo-toolkit 3.x has no nemo.collections.llm). See docs/nemo.md."
     )
 
-from nemo_neo.nemo import cpu_compat, mcore_compat  # noqa: E402
+from nemo_neo import _compat  # noqa: E402
 
-# Before NeMo's first import: its checkpoint IO imports a module megatron-core 0.16 no longer has.
-mcore_compat.install_tensorstore_stub()
+if not _compat.is_nemo_enabled():
+    # NeMo 2.7.3 on megatron-core 0.16 needs bridges that must be in place before NeMo's first import;
+    # they are an explicit switch of the entry point, never a side effect of importing this package.
+    raise ImportError(
+        "nemo_neo.nemo needs nemo_neo's NeMo compatibility layer switched on first: call "
+        "nemo_neo._compat.enable_nemo() before importing NeMo or nemo_neo.nemo (python -m nemo_neo.nemo does)."
+    )
 
 from nemo.collections import llm  # noqa: E402
-
-mcore_compat.patch_optimizer_factory()
-cpu_compat.activate_if_needed()
 
 from nemo_neo.nemo import connectors  # noqa: E402
 from nemo_neo.nemo.config import (  # noqa: E402
@@ -36,7 +38,8 @@ from nemo_neo.nemo.config import (  # noqa: E402
     arch_from_nemo_config,
     nemo_config_from_arch,
 )
-from nemo_neo.nemo.convert import check_nemo_checkpoint, nemo_arch, nemo_to_neo, neo_to_nemo  # noqa: E402
+from nemo_neo.nemo.connectors import neo_to_nemo  # noqa: E402
+from nemo_neo.nemo.convert import check_nemo_checkpoint, nemo_arch, nemo_to_neo  # noqa: E402
 from nemo_neo.nemo.models import (  # noqa: E402
     NeoDistillationGPTModel,
     NeoDistillationLlamaModel,

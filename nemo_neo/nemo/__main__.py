@@ -12,6 +12,10 @@ import argparse
 import json
 import sys
 
+from nemo_neo import _compat
+from nemo_neo.errors import exit_on_user_error
+from nemo_neo.prune.width import parse_target
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nemo_neo.nemo", description=__doc__.split("\n\n")[0])
@@ -33,21 +37,26 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
+    _compat.enable_nemo()  # before NeMo's first import
     import nemo_neo.nemo as integration  # imports NeMo (slow): only after the arguments parse
 
+    with exit_on_user_error():
+        result = _run(integration, args)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _run(integration, args) -> dict:
     if args.command == "to-nemo":
         result = {"out": str(integration.neo_to_nemo(args.source, args.out, overwrite=args.overwrite))}
     elif args.command == "to-neo":
         result = integration.nemo_to_neo(args.source, args.out, overwrite=args.overwrite)
     else:
-        from nemo_neo.prune.width import parse_target
-
         drop = [int(x) for x in args.drop.split(",")] if args.drop else None
         result = integration.prune_nemo_checkpoint(
             args.source, args.out, parse_target(args.target), overwrite=args.overwrite, drop=drop,
             calib_data=args.calib_data, num_samples=args.num_samples, seq_length=args.seq_length)
-    print(json.dumps(result, indent=2, default=str))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -12,34 +12,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from nemo.collections import llm
+from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+from nemo.lightning import io
+from nemo.lightning.base import teardown
 
+from nemo_neo.checkpoint import atomic
+from nemo_neo.checkpoint.hf_io import has_tokenizer
+from nemo_neo.checkpoint.native import load_full_state, read_index
 from nemo_neo.nemo import config as nemo_config
+from nemo_neo.nemo.convert import copy_neo_state_into, nemo_to_neo
 
 
-def _connector_base():
-    from nemo.lightning import io
-
-    return io.ModelConnector
-
-
-class NeoCheckpointImporter(_connector_base()):
+class NeoCheckpointImporter(io.ModelConnector):
     """nemo_neo checkpoint -> NeMo 2 checkpoint (a NeMo LlamaModel with the same weights)."""
 
     dtype: torch.dtype | None = None  # None: the dtype of the stored tensors
     model_class = None  # None: nemo.collections.llm.LlamaModel
 
     def init(self):
-        from nemo.collections import llm
-
-        from nemo_neo.checkpoint.hf_io import has_tokenizer
-        from nemo_neo.checkpoint.native import read_index
-
         arch, index = read_index(str(self))
         dtype = self.dtype or getattr(torch, index["tensors"]["embedding.word_embeddings.weight"]["dtype"])
         tokenizer = None
         if has_tokenizer(str(self)):
-            from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
-
             tokenizer = AutoTokenizer(str(self))
         # megatron-core refuses to even construct a config asking for fused kernels it lacks (CPU);
         # on GPU the context keeps NeMo's defaults.
@@ -49,11 +44,6 @@ class NeoCheckpointImporter(_connector_base()):
         return model
 
     def apply(self, output_path: Path) -> Path:
-        from nemo.lightning.base import teardown
-
-        from nemo_neo.checkpoint.native import load_full_state
-        from nemo_neo.nemo.convert import copy_neo_state_into
-
         arch, state, _ = load_full_state(str(self))
         target = self.init()
         trainer = self.nemo_setup(target)
@@ -63,22 +53,30 @@ class NeoCheckpointImporter(_connector_base()):
         return Path(output_path)
 
 
-class NeoCheckpointExporter(_connector_base()):
+class NeoCheckpointExporter(io.ModelConnector):
     """NeMo 2 checkpoint -> nemo_neo checkpoint."""
 
     def init(self):  # no model is built: megatron-core reads the weights straight into nemo_neo's GPT
         return None
 
     def apply(self, output_path: Path) -> Path:
-        from nemo_neo.nemo.convert import nemo_to_neo
-
         nemo_to_neo(str(self), output_path, overwrite=True)
         return Path(output_path)
 
 
-def register(model_classes) -> None:
-    from nemo.lightning import io
+def neo_to_nemo(neo_ckpt, out, overwrite: bool = False, dtype: torch.dtype | None = None, model_class=None) -> Path:
+    """nemo_neo checkpoint -> NeMo 2 checkpoint of a NeMo ``LlamaModel`` (or `model_class`).
 
+    The tokenizer files of the nemo_neo checkpoint become the NeMo model's HF ``AutoTokenizer``."""
+    atomic.check_output_dir(out, overwrite)
+    importer = NeoCheckpointImporter(str(neo_ckpt))
+    importer.dtype, importer.model_class = dtype, model_class
+    with atomic.atomic_directory(out, overwrite) as tmp:
+        importer.apply(tmp)
+    return Path(out)
+
+
+def register(model_classes) -> None:
     for cls in model_classes:
         io.model_importer(cls, "nemo_neo")(NeoCheckpointImporter)
         io.model_exporter(cls, "nemo_neo")(NeoCheckpointExporter)

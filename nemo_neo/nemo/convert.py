@@ -20,12 +20,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import fiddle as fdl
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from nemo.lightning import io
+from torch.distributed.checkpoint import FileSystemReader
 
 from nemo_neo.checkpoint import atomic
 from nemo_neo.checkpoint.hf_io import CheckpointError, copy_tokenizer_files, has_tokenizer
-from nemo_neo.checkpoint.native import local_tensors, save_full_state
+from nemo_neo.checkpoint.native import _check_complete, local_tensors, save_full_state
+from nemo_neo.models.gpt import build_gpt, transformer_config
 from nemo_neo.nemo import config as nemo_config
+from nemo_neo.parallel import initialize
 
 EMBEDDING_KEY = "module.embedding.word_embeddings.weight"
 # Local-spec (nemo_neo) name -> Transformer Engine spec name of the same tensor.
@@ -54,9 +61,6 @@ def load_nemo_model_context(path):
 
     On CPU the fused-kernel flags are switched off before the config is built: megatron-core's
     TransformerConfig raises at construction when e.g. apply_rope_fusion has no kernel behind it."""
-    import fiddle as fdl
-    from nemo.lightning import io
-
     spec = io.load_context(check_nemo_checkpoint(path) / "context", subpath="model", build=False)
     if not torch.cuda.is_available():
         for name, value in nemo_config.cpu_overrides().items():
@@ -65,8 +69,6 @@ def load_nemo_model_context(path):
 
 
 def _stored_embedding(path):
-    from torch.distributed.checkpoint import FileSystemReader
-
     meta = FileSystemReader(str(Path(path) / "weights")).read_metadata().state_dict_metadata
     if EMBEDDING_KEY not in meta:
         raise CheckpointError(f"{path}/weights has no {EMBEDDING_KEY}: not a GPT checkpoint saved from the first stage.")
@@ -84,20 +86,10 @@ def nemo_arch(path):
     return nemo_config.arch_from_nemo_config(model.config, nemo_vocab_size(path)), model
 
 
-def load_nemo_weights(path, arch) -> dict[str, torch.Tensor]:
-    """Every tensor of a NeMo 2 checkpoint, unsharded, with nemo_neo names (single process)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from nemo_neo.models.gpt import build_gpt, transformer_config
-    from nemo_neo.parallel import initialize
-
-    initialize()  # megatron-core's parallel state (a world of one); reused when NeMo already set it up
-    dtype = _stored_embedding(path).properties.dtype  # read the stored values as they are: no cast
-    with torch.device("cpu"):
-        model = build_gpt(arch, transformer_config(arch, dtype=dtype), use_te=False)
-    weights = str(Path(path) / "weights")
+def load_nemo_weights_into(model: torch.nn.Module, ckpt_path) -> dict:
+    """Fill a megatron-core GPT from a NeMo 2 checkpoint's weights/ (any TP/PP it was saved with) with
+    megatron-core's own reader; returns the sharded state dict it read (key -> ShardedTensor)."""
+    weights = str(check_nemo_checkpoint(ckpt_path) / "weights")
     metadata = dist_checkpointing.load_content_metadata(weights)
     sharded = model.sharded_state_dict(prefix="module.", metadata=metadata)
     # TE and local layers keep different per-layer extra state (FP8 metadata); it holds no weights.
@@ -105,10 +97,23 @@ def load_nemo_weights(path, arch) -> dict[str, torch.Tensor]:
     try:
         loaded = dist_checkpointing.load(sharded, weights, strict=StrictHandling.RAISE_UNEXPECTED)
     except Exception as e:  # megatron-core raises CheckpointingException / KeyError / RuntimeError
-        raise CheckpointError(f"cannot read the weights of {path} as {arch.model_type} with its config: {e}") from None
-    model.load_state_dict({k.removeprefix("module."): v for k, v in loaded.items()}, strict=False)
+        raise CheckpointError(f"cannot read the weights of {ckpt_path} into this model (shapes from its config): {e}") from None
+    missing, _ = model.load_state_dict({k.removeprefix("module."): v for k, v in loaded.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt_path} did not fill {missing[:3]}")
+    return sharded
+
+
+def load_nemo_weights(path, arch) -> dict[str, torch.Tensor]:
+    """Every tensor of a NeMo 2 checkpoint, unsharded, with nemo_neo names (single process)."""
+    initialize()  # megatron-core's parallel state (a world of one); reused when NeMo already set it up
+    dtype = _stored_embedding(path).properties.dtype  # read the stored values as they are: no cast
+    with torch.device("cpu"):
+        model = build_gpt(arch, transformer_config(arch, dtype=dtype), use_te=False)
+    sharded = load_nemo_weights_into(model, path)
     # megatron's local norms are fp32 whatever the model dtype; hand back each tensor in its stored dtype.
-    stored = FileSystemReader(weights).read_metadata().state_dict_metadata
+    stored = FileSystemReader(str(Path(path) / "weights")).read_metadata().state_dict_metadata
     dtypes = {k.removeprefix("module."): stored[v.key].properties.dtype for k, v in sharded.items() if v.key in stored}
     return {name: t.to(dtypes.get(name, t.dtype)) for name, t in local_tensors(model, arch).items()}
 
@@ -136,8 +141,6 @@ def _tokenizer_dir(ckpt: Path, model) -> Path | None:
 
 def copy_neo_state_into(module: torch.nn.Module, arch, state: dict[str, torch.Tensor]) -> None:
     """Copy a full nemo_neo state into a (TP=PP=1) megatron-core GPT, local or TE layer spec."""
-    from nemo_neo.checkpoint.native import _check_complete
-
     _check_complete(arch, {k: {"shape": list(v.shape)} for k, v in state.items()}, "nemo_neo state")
     targets = module.state_dict(keep_vars=True)
     with torch.no_grad():
@@ -156,27 +159,10 @@ def copy_neo_state_into(module: torch.nn.Module, arch, state: dict[str, torch.Te
             targets["output_layer.weight"].data = state["embedding.word_embeddings.weight"].detach().clone()
 
 
-def neo_to_nemo(neo_ckpt, out, overwrite: bool = False, dtype: torch.dtype | None = None, model_class=None) -> Path:
-    """nemo_neo checkpoint -> NeMo 2 checkpoint of a NeMo ``LlamaModel`` (or `model_class`).
-
-    The tokenizer files of the nemo_neo checkpoint become the NeMo model's HF ``AutoTokenizer``."""
-    from nemo_neo.nemo.connectors import NeoCheckpointImporter
-
-    atomic.check_output_dir(out, overwrite)
-    importer = NeoCheckpointImporter(str(neo_ckpt))
-    importer.dtype, importer.model_class = dtype, model_class
-    with atomic.atomic_directory(out, overwrite) as tmp:
-        importer.apply(tmp)
-    return Path(out)
-
-
 def load_nemo_module(nemo_ckpt, transformer_layer_spec=None):
     """The megatron-core GPT of a NeMo 2 checkpoint, built by NeMo's own config (``configure_model``)
     and filled by megatron-core, as NeMo loads a distillation teacher. On CPU the fused-kernel flags
     are turned off first. `transformer_layer_spec` replaces the config's (e.g. `models.neo_layer_spec`)."""
-    from nemo_neo.nemo.models import load_nemo_weights_into
-    from nemo_neo.parallel import initialize
-
     initialize()
     model = load_nemo_model_context(nemo_ckpt)
     cfg = model.config

@@ -25,8 +25,14 @@ import torch
 from nemo.collections import llm
 from nemo.lightning.megatron_parallel import MaskedTokenLossReduction
 
+from nemo_neo._compat.nemo_cpu import cpu_gpt_data_step
 from nemo_neo.distill.losses import KDLossConfig, distillation_loss
 from nemo_neo.distill.model import DistillationPair
+from nemo_neo.errors import ConfigError
+from nemo_neo.models.arch import UnsupportedConfigError
+from nemo_neo.models.gpt import layer_spec
+from nemo_neo.nemo.convert import load_nemo_weights_into
+from nemo_neo.parallel import initialize
 from nemo_neo.peft.apply import LoRAConfig, adapters_of, apply_lora
 from nemo_neo.peft.lora import LoRALinear
 
@@ -34,8 +40,6 @@ from nemo_neo.peft.lora import LoRALinear
 def neo_layer_spec(config=None):
     """nemo_neo's megatron-core layer spec (TE when available, else local with torch SDPA), usable as
     a NeMo ``GPTConfig.transformer_layer_spec``: a NeMo model then computes exactly what nemo_neo does."""
-    from nemo_neo.models.gpt import layer_spec
-
     return layer_spec()
 
 
@@ -86,24 +90,6 @@ class _NemoDistillationPair(DistillationPair):
         return self.student.state_dict(*args, **kwargs)
 
 
-def load_nemo_weights_into(model: torch.nn.Module, ckpt_path) -> None:
-    """Fill a megatron-core GPT from a NeMo 2 checkpoint's weights/ (any TP/PP it was saved with)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    from nemo_neo.nemo.convert import check_nemo_checkpoint
-
-    weights = str(check_nemo_checkpoint(ckpt_path) / "weights")
-    metadata = dist_checkpointing.load_content_metadata(weights)
-    sharded = model.sharded_state_dict(prefix="module.", metadata=metadata)
-    sharded = {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
-    loaded = dist_checkpointing.load(sharded, weights, strict=StrictHandling.RAISE_UNEXPECTED)
-    missing, _ = model.load_state_dict({k.removeprefix("module."): v for k, v in loaded.items()}, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing:
-        raise RuntimeError(f"checkpoint {ckpt_path} did not fill {missing[:3]}")
-
-
 class _NeoDistillationMixin:
     """What the NeMo distillation subclasses add to llm.GPTModel / llm.LlamaModel."""
 
@@ -118,14 +104,12 @@ class _NeoDistillationMixin:
         self.kd_loss = kd_loss or KDLossConfig(kind="forward_kl")  # Minitron's logit-only forward KL
         self.lora = lora
         if config.pipeline_model_parallel_size > 1:
-            raise ValueError("NeoDistillation*Model supports tensor parallelism only (pipeline_model_parallel_size=1); "
+            raise ConfigError("NeoDistillation*Model supports tensor parallelism only (pipeline_model_parallel_size=1); "
                              "use nemo_neo's own trainer (nemo_neo.distill) for pipeline-parallel distillation.")
 
     def configure_model(self, vp_stage=None) -> None:
         if hasattr(self, "module"):
             return
-        from nemo_neo.models.arch import UnsupportedConfigError
-
         for attr in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                      "sequence_parallel", "pipeline_dtype"):
             setattr(self.teacher_config, attr, getattr(self.config, attr))
@@ -138,8 +122,6 @@ class _NeoDistillationMixin:
         if self.student_ckpt_path is not None:
             load_nemo_weights_into(student, self.student_ckpt_path)
         if self.lora is not None:
-            from nemo_neo.parallel import initialize
-
             apply_lora(student, self.lora, initialize())  # the context of the groups NeMo created
             for adapter in adapters_of(student).values():
                 adapter.__class__ = MergedCheckpointLoRA
@@ -153,8 +135,6 @@ class _NeoDistillationMixin:
     def data_step(self, dataloader_iter):
         if torch.cuda.is_available():
             return super().data_step(dataloader_iter)
-        from nemo_neo.nemo.cpu_compat import cpu_gpt_data_step  # NeMo's gpt_data_step minus .cuda()
-
         return cpu_gpt_data_step(dataloader_iter)
 
     @property

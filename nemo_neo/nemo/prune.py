@@ -11,14 +11,14 @@ import tempfile
 from pathlib import Path
 
 from nemo_neo.checkpoint import atomic
+from nemo_neo.nemo.connectors import neo_to_nemo
+from nemo_neo.nemo.convert import check_nemo_checkpoint, nemo_to_neo
+from nemo_neo.recipes.prune import prune_checkpoint
 
 
 def prune_nemo_checkpoint(nemo_ckpt, out, target: dict, overwrite: bool = False, **prune_options) -> dict:
     """target: e.g. {"hidden_size": 1024, "ffn_hidden_size": 3072, "num_layers": 12}; prune_options go to
-    `nemo_neo.prune.run.prune_checkpoint` (calib_data, num_samples, seq_length, drop, scores_path, ...)."""
-    from nemo_neo.nemo.convert import check_nemo_checkpoint, nemo_to_neo, neo_to_nemo
-    from nemo_neo.prune.run import prune_checkpoint
-
+    `nemo_neo.recipes.prune.prune_checkpoint` (calib_data, num_samples, seq_length, drop, scores_path, ...)."""
     check_nemo_checkpoint(nemo_ckpt)
     atomic.check_output_dir(out, overwrite)  # fail before any work
     with tempfile.TemporaryDirectory(prefix="nemo_neo_prune_") as tmp:

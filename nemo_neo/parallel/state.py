@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nemo_neo.parallel import cpu_compat
+from nemo_neo import _compat
+from nemo_neo.errors import ConfigError
 
 
-class ParallelConfigError(ValueError):
+class ParallelConfigError(ConfigError):
     """TP/PP/world-size combination that cannot be laid out."""
 
 
@@ -79,7 +80,13 @@ def initialize(config: ParallelConfig | None = None) -> ParallelContext:
 
     config = config or ParallelConfig()
     cuda = torch.cuda.is_available()
-    cpu_compat.activate_if_needed()
+    if not cuda and not _compat.is_enabled():
+        # megatron-core needs its CUDA assumptions redirected on a CPU-only torch; that is an
+        # explicit switch of the entry point, never a side effect of a library call.
+        raise RuntimeError(
+            "megatron-core on a CPU-only torch needs nemo_neo's compatibility layer: call "
+            "nemo_neo.enable_compat() once before nemo_neo.parallel.initialize() (nemo_neo's own entry points do)."
+        )
     if not dist.is_initialized():
         single = "RANK" not in os.environ  # a plain `python` run: a world of one
         world_size = 1 if single else int(os.environ["WORLD_SIZE"])

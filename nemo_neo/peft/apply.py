@@ -9,12 +9,16 @@ from pathlib import Path
 
 import torch
 
+from nemo_neo.checkpoint import sharding
+from nemo_neo.checkpoint.native import gather_stage_tensors
+from nemo_neo.errors import ConfigError
+from nemo_neo.parallel.reduce import merge_stage_dicts
 from nemo_neo.peft.lora import LoRALinear, qkv_part_rows
 
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
-class LoRAConfigError(ValueError):
+class LoRAConfigError(ConfigError):
     pass
 
 
@@ -53,7 +57,6 @@ def _full_init(name: str, shape, seed: int) -> torch.Tensor:
 def apply_lora(model: torch.nn.Module, config: LoRAConfig, ctx) -> dict[str, LoRALinear]:
     """Wrap the target linears of every layer of this stage; freeze everything else. Returns
     {global module name: adapter}."""
-    from nemo_neo.checkpoint import sharding
 
     targets = config.resolved_targets()
     for p in model.parameters():
@@ -115,7 +118,6 @@ def merge_lora(model: torch.nn.Module) -> int:
 
 def adapter_state(model: torch.nn.Module, arch, ctx) -> dict[str, torch.Tensor]:
     """Full (TP-gathered) adapter tensors of this stage with global names (collective over TP)."""
-    from nemo_neo.checkpoint.native import gather_stage_tensors
 
     local = {n: p for n, p in model.named_parameters() if ".lora_" in n}
     return gather_stage_tensors(local, arch, ctx)
@@ -129,7 +131,6 @@ def save_adapters(path, model, arch, ctx, config: LoRAConfig) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from nemo_neo.parallel.reduce import merge_stage_dicts
 
     merged = merge_stage_dicts(adapter_state(model, arch, ctx), ctx)
     if ctx.is_main:
@@ -148,7 +149,6 @@ def load_adapters(path, model, ctx) -> None:
     """Load adapters saved by `save_adapters` into a LoRA-wrapped model at any TP/PP."""
     from safetensors import safe_open
 
-    from nemo_neo.checkpoint import sharding
 
     offset = sharding.layer_offset(model.config.num_layers, ctx.pp_rank, ctx.pp_size)
     with safe_open(str(path), framework="pt") as f:

@@ -1,7 +1,9 @@
-"""Structured pruning (Minitron): activation importance, width pruning, depth pruning and search."""
+"""Structured pruning (Minitron): activation importance, width pruning, depth pruning.
+
+The searches over candidates (which layers to drop, which architecture) are workflows:
+`nemo_neo.recipes.depth_search`."""
 
 from nemo_neo.prune.depth import drop_layers, drop_layers_checkpoint
-from nemo_neo.prune.depth_search import layers_skipped, loss_metric, search_depth, write_report
 from nemo_neo.prune.importance import ImportanceConfig, compute_importance, load_scores, save_scores
 from nemo_neo.prune.width import PruneTargetError, parse_target, prune_width, prune_width_random, pruned_arch
 
@@ -11,14 +13,10 @@ __all__ = [
     "compute_importance",
     "drop_layers",
     "drop_layers_checkpoint",
-    "layers_skipped",
     "load_scores",
-    "loss_metric",
     "parse_target",
     "prune_width",
     "prune_width_random",
     "pruned_arch",
     "save_scores",
-    "search_depth",
-    "write_report",
 ]

@@ -7,19 +7,28 @@ import re
 
 import torch
 
+from nemo_neo.checkpoint.hf_io import copy_tokenizer_files
+from nemo_neo.checkpoint.native import load_full_state, save_full_state
 from nemo_neo.models.arch import GPTArch
+from nemo_neo.prune.width import PruneTargetError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
+def check_drop_layers(num_layers: int, layers) -> list[int]:
+    """The sorted distinct layers to drop, or one `PruneTargetError` naming what is wrong."""
+    drop = sorted(set(int(i) for i in layers))
+    bad = [i for i in drop if not 0 <= i < num_layers]
+    if bad:
+        raise PruneTargetError(f"layers {bad} do not exist: the model has layers 0..{num_layers - 1}")
+    if len(drop) >= num_layers:
+        raise PruneTargetError(f"cannot drop all {num_layers} layers; keep at least one")
+    return drop
+
+
 def drop_layers(arch: GPTArch, state: dict[str, torch.Tensor], layers) -> tuple[GPTArch, dict[str, torch.Tensor]]:
     """Remove `layers` (0-based indices) from a full neo state dict; later layers move up."""
-    drop = sorted(set(int(i) for i in layers))
-    bad = [i for i in drop if not 0 <= i < arch.num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} do not exist: the model has layers 0..{arch.num_layers - 1}")
-    if len(drop) >= arch.num_layers:
-        raise ValueError(f"cannot drop all {arch.num_layers} layers; keep at least one")
+    drop = check_drop_layers(arch.num_layers, layers)
     keep = [i for i in range(arch.num_layers) if i not in drop]
     new_index = {old: new for new, old in enumerate(keep)}
     out = {}
@@ -38,8 +47,6 @@ def drop_layers_checkpoint(ckpt, out, layers, overwrite: bool = False):
     """Checkpoint -> checkpoint with `layers` removed (tokenizer carried over)."""
     from pathlib import Path
 
-    from nemo_neo.checkpoint.hf_io import copy_tokenizer_files
-    from nemo_neo.checkpoint.native import load_full_state, save_full_state
 
     arch, state, index = load_full_state(ckpt)
     pruned, state = drop_layers(arch, state, layers)

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from nemo_neo.train.schedule import run_microbatches
+
 AGGREGATIONS = ("mean", "l2", "var")
 
 
@@ -117,7 +119,6 @@ class ImportanceRecorder:
 def compute_importance(model, arch, ctx, rows: torch.Tensor, config: ImportanceConfig | None = None) -> dict:
     """Score every head, neuron and channel of `model` (this rank's TP/PP slice) on calibration rows
     [n, s(+1)]. Returns full scores on every rank: heads [L, H], neurons [L, F], channels [h]."""
-    from nemo_neo.train.schedule import run_microbatches
 
     config = config or ImportanceConfig()
     rows = rows[: config.num_samples]

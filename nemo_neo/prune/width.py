@@ -19,12 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+from nemo_neo.errors import ConfigError
 from nemo_neo.models.arch import GPTArch, UnsupportedConfigError
+from nemo_neo.models.gpt import check_parallel_fit
 
 TARGET_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers")
 
 
-class PruneTargetError(ValueError):
+class PruneTargetError(ConfigError):
     pass
 
 
@@ -52,7 +54,6 @@ def parse_target(text: str) -> dict:
 
 def pruned_arch(arch: GPTArch, target: dict, tp: int = 1, pp: int = 1) -> GPTArch:
     """The architecture after pruning; validates the target before any work."""
-    from nemo_neo.models.gpt import check_parallel_fit
 
     new = copy.deepcopy(arch)
     current = {"hidden_size": arch.hidden_size, "ffn_hidden_size": arch.ffn_hidden_size,

@@ -22,13 +22,16 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from nemo_neo.checkpoint.native import load_into_model, save_distributed
+from nemo_neo.data.dataset import DistributedBatchSampler, collate
+from nemo_neo.errors import RunStateError
 from nemo_neo.parallel.reduce import sum_from_last_stage
 from nemo_neo.train import state as ckpt_state
 from nemo_neo.train.optim import OptimConfig, build_optimizer, current_lr
 from nemo_neo.train.schedule import run_microbatches, wrap_ddp
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStateError):
     pass
 
 
@@ -64,7 +67,6 @@ class Trainer:
                  run_dir, name: str, evaluate: Callable | None = None, tokenizer_src=None,
                  checkpoint_module: torch.nn.Module | None = None, adjust_tensor_shapes_fn=None,
                  lr_overrides: dict | None = None, companion: tuple | None = None):
-        from nemo_neo.data.dataset import DistributedBatchSampler
 
         self.ctx, self.arch, self.cfg, self.name = ctx, arch, cfg, name
         self.loss_fn, self.evaluate, self.tokenizer_src = loss_fn, evaluate, tokenizer_src
@@ -88,7 +90,6 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _microbatches(self, indices_per_micro):
-        from nemo_neo.data.dataset import collate
 
         return [{k: v.to(self.ctx.device) for k, v in collate(self.train_rows[idx]).items()} for idx in indices_per_micro]
 
@@ -106,7 +107,6 @@ class Trainer:
 
     def _save(self, step: int, metrics: dict) -> None:
         if self.companion is not None:  # before the main checkpoint, whose pointer move commits both
-            from nemo_neo.checkpoint.native import save_distributed
 
             _, module, arch = self.companion
             save_distributed(self.companion_checkpoint(step), arch, module, self.ctx, tokenizer_src=self.tokenizer_src,
@@ -123,7 +123,6 @@ class Trainer:
             start = ckpt_state.load_training_checkpoint(latest, self.arch, self.saved_module, ctx,
                                                         self.optimizer, self.scheduler, self.sampler)
             if self.companion is not None:
-                from nemo_neo.checkpoint.native import load_into_model
 
                 _, module, arch = self.companion
                 load_into_model(self.companion_checkpoint(start), module, arch, ctx)

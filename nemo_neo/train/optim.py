@@ -30,9 +30,8 @@ def build_optimizer(ddp_model, cfg: OptimConfig, total_steps: int, lr_overrides:
     """lr_overrides: {parameter-name glob: (max_lr, min_lr)} for parameter groups that follow the same
     schedule shape at other rates (e.g. a teacher corrected while its student distills)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
     from megatron.core.optimizer.optimizer_config import ParamKey
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
     module_config = ddp_model.config
     opt_config = OptimizerConfig(

@@ -11,6 +11,7 @@ import torch
 
 from nemo_neo.checkpoint.hf_io import CheckpointError
 from nemo_neo.checkpoint.native import load_into_model, rank_state_file, save_distributed
+from nemo_neo.errors import disk_write_error
 
 LATEST = "latest.json"
 
@@ -61,8 +62,12 @@ def save_training_checkpoint(ckpt_root: Path, step: int, arch, model, ctx, optim
                            metadata={"step": step, "metrics": metrics or {}}, overwrite=True, rank_state=state)
     if ctx.is_main:  # move the pointer only now that the checkpoint is complete
         tmp = ckpt_root / f".{LATEST}.tmp"
-        tmp.write_text(json.dumps({"name": name, "step": step}) + "\n")
-        os.replace(tmp, ckpt_root / LATEST)
+        try:
+            tmp.write_text(json.dumps({"name": name, "step": step}) + "\n")
+            os.replace(tmp, ckpt_root / LATEST)
+        except OSError as e:  # the old pointer (to the last complete checkpoint) stays valid
+            tmp.unlink(missing_ok=True)
+            raise disk_write_error(e, ckpt_root / LATEST) from e
     torch.distributed.barrier()
     return out
 

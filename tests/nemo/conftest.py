@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from nemo_neo import _compat
+
+_compat.enable_nemo()  # NeMo's bridges, before anything imports NeMo
+
 # tests/conftest.py leaves this directory out where NeMo's LLM collection is not installed.
 # No __init__.py here: a package named "nemo" under tests/ would shadow NeMo itself.
 TEACHER = "llama3_gqa_untied"  # GQA, untied head, llama3 RoPE scaling

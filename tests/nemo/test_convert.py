@@ -67,7 +67,7 @@ def test_nemo_neo_nemo_round_trip_is_bit_exact(nemo_ckpts, tmp_path):
 @pytest.mark.parametrize("spec", ["nemo_default", "neo_layer_spec"])
 def test_logits_match_nemo_neo(spec, neo_ckpts, nemo_ckpts, parallel_ctx):
     """NeMo's model (built by NeMo's config from the checkpoint) vs nemo_neo's model of the converted checkpoint."""
-    from nemo_neo.models.load import load_model
+    from nemo_neo.checkpoint.load import load_model
     from nemo_neo.nemo.models import neo_layer_spec
 
     nemo_module = nn_nemo.convert.load_nemo_module(nemo_ckpts[TEACHER], neo_layer_spec if spec == "neo_layer_spec" else None)

@@ -68,8 +68,8 @@ def _nemo_step(nemo_ckpts, neo_ckpts, kd, lora, tmp_path):
 
 def _neo_step(neo_ckpts, kd, lora, ctx):
     from nemo_neo.distill.objective import kd_loss_fn
-    from nemo_neo.distill.run import build_pair
     from nemo_neo.peft.apply import apply_lora
+    from nemo_neo.recipes.distill import build_pair
     from nemo_neo.train.optim import OptimConfig, build_optimizer
     from nemo_neo.train.schedule import run_microbatches, wrap_ddp
 

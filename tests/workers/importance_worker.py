@@ -4,14 +4,14 @@
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from nemo_neo import enable_compat  # noqa: E402
 
-from nemo_neo.models.load import load_model  # noqa: E402
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
+
+from nemo_neo.checkpoint.load import load_model  # noqa: E402
 from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
 from nemo_neo.prune.importance import ImportanceConfig, compute_importance, save_scores  # noqa: E402
 

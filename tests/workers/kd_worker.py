@@ -5,19 +5,20 @@ at a given TP/PP; writes the loss and the student's full (gathered) gradients.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 from nemo_neo.checkpoint.native import gather_stage_tensors  # noqa: E402
 from nemo_neo.distill.losses import KDLossConfig  # noqa: E402
 from nemo_neo.distill.objective import kd_loss_fn  # noqa: E402
-from nemo_neo.distill.run import build_pair  # noqa: E402
 from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
 from nemo_neo.parallel.reduce import merge_stage_dicts  # noqa: E402
+from nemo_neo.recipes.distill import build_pair  # noqa: E402
 from nemo_neo.train.schedule import run_microbatches, wrap_ddp  # noqa: E402
 
 

@@ -5,16 +5,17 @@ adapters; one forward+backward; writes gathered logits, loss and adapter gradien
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 from nemo_neo.checkpoint import sharding  # noqa: E402
+from nemo_neo.checkpoint.load import load_model  # noqa: E402
 from nemo_neo.checkpoint.native import gather_stage_tensors  # noqa: E402
-from nemo_neo.models.load import load_model  # noqa: E402
 from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
 from nemo_neo.parallel.reduce import merge_stage_dicts  # noqa: E402
 from nemo_neo.peft import LoRAConfig, adapter_state, apply_lora  # noqa: E402

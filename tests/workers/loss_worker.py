@@ -11,13 +11,13 @@ check to OUT.pt; the test compares everything with single-process full-vocab for
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 from nemo_neo.distill import KDLossConfig, distillation_loss, global_token_mean  # noqa: E402
 

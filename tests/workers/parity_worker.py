@@ -5,15 +5,16 @@ and write full (gathered) logits, loss and gradients for comparison with a TP=1/
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from nemo_neo import enable_compat  # noqa: E402
 
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
+
+from nemo_neo.checkpoint.load import load_model  # noqa: E402
 from nemo_neo.checkpoint.native import gather_stage_tensors, save_distributed  # noqa: E402
-from nemo_neo.models.load import load_model  # noqa: E402
 from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
 from nemo_neo.parallel.reduce import merge_stage_dicts  # noqa: E402
 from nemo_neo.train.schedule import run_microbatches, wrap_ddp  # noqa: E402

@@ -6,15 +6,16 @@ writes <run_dir>/result.json (loss history, validation before/after) when it fin
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 from nemo_neo.data.dataset import load_token_rows  # noqa: E402
 from nemo_neo.distill.losses import KDLossConfig  # noqa: E402
-from nemo_neo.distill.run import distill  # noqa: E402
 from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
+from nemo_neo.recipes.distill import distill  # noqa: E402
 from nemo_neo.train.loop import TrainConfig  # noqa: E402
 from nemo_neo.train.optim import OptimConfig  # noqa: E402
 
@@ -46,7 +47,7 @@ def main():
                       optim=OptimConfig(lr=args.lr, min_lr=args.lr / 10, warmup_steps=2))
     if args.lora_rank > 0:
         from nemo_neo.peft import LoRAConfig
-        from nemo_neo.peft.llm_neo import llm_neo
+        from nemo_neo.recipes.llm_neo import llm_neo
 
         lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
         result = llm_neo(ctx, args.student, args.teacher, train, valid, cfg, args.run_dir, lora, alpha=args.alpha)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nemo_neo.optional import require
+
 TASK_DIR = Path(__file__).resolve().parent
 DATA_ENV = "NEMO_NEO_EVAL_DATA"
 PACK_TAG = "nemo_neo_pack"
@@ -14,7 +16,6 @@ PACK_TASKS = ("neo_winogrande", "neo_arc_easy", "neo_arc_challenge", "neo_piqa",
 def task_manager(data_dir=None, include_path=None, **kwargs):
     """An lm-eval TaskManager that knows lm-eval's own tasks plus this pack (and `include_path`).
     `data_dir` is handed to the pack's loaders as task metadata (else NEMO_NEO_EVAL_DATA is read)."""
-    from nemo_neo.eval.optional import require
 
     tasks_mod = require("lm_eval.tasks", "evaluation with lm-eval")
     paths = [str(TASK_DIR)] + ([str(p) for p in include_path] if isinstance(include_path, (list, tuple)) else [str(include_path)] if include_path else [])

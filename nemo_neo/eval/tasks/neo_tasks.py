@@ -24,10 +24,12 @@ import os
 import re
 from pathlib import Path
 
+from nemo_neo.errors import EvalError
+
 DATA_ENV = "NEMO_NEO_EVAL_DATA"
 
 
-class TaskDataError(FileNotFoundError):
+class TaskDataError(EvalError, FileNotFoundError):
     """A task's local data file cannot be found or read."""
 
 

@@ -25,13 +25,15 @@ import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import read_index, save_distributed
 from nemo_neo.distill.losses import LOSS_KINDS, KDLossConfig
 from nemo_neo.distill.model import DistillationPair, check_teacher_compatible
 from nemo_neo.distill.objective import distillation_metrics, lm_loss_fn
-from nemo_neo.distill.run import default_dtype, distill
-from nemo_neo.models.load import load_model
+from nemo_neo.errors import ConfigError
+from nemo_neo.eval.lm_loss import validation_loss
 from nemo_neo.peft.apply import LoRAConfig, apply_lora, merge_lora, save_adapters, trainable_report
+from nemo_neo.recipes.distill import default_dtype, distill
 from nemo_neo.train.loop import TrainConfig, Trainer
 
 METHODS = ("sft", "lora", "kd", "llm_neo")
@@ -40,7 +42,7 @@ TEACHER_TRAINED_METHODS = ("kd", "llm_neo")  # the teacher's logits are part of 
 ADAPTERS_FILE = "adapters.safetensors"
 
 
-class MethodConfigError(ValueError):
+class MethodConfigError(ConfigError):
     pass
 
 
@@ -108,7 +110,6 @@ def validation_metrics(ctx, student, student_arch, student_ckpt, valid_rows, mic
     if len(valid_rows) == 0:
         return {}
     if teacher_ckpt is None:
-        from nemo_neo.eval.lm_loss import validation_loss
 
         was_training = student.training
         metrics = validation_loss(student, ctx, valid_rows, micro_batch_size, desc="validation")

@@ -28,8 +28,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from nemo_neo.errors import ConfigError
+from nemo_neo.export.hf import as_hf_dir, tokenizer_source
+from nemo_neo.optional import require
 
-class ThroughputError(ValueError):
+
+class ThroughputError(ConfigError):
     pass
 
 
@@ -205,7 +209,6 @@ def run_study(models: dict[str, str], pairs, batch_sizes, num_requests: int, out
     throughput.png and the request datasets (requests_isl{I}_osl{O}.jsonl) into out_dir."""
     from transformers import AutoTokenizer
 
-    from nemo_neo.export.hf import as_hf_dir, tokenizer_source
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +255,6 @@ def speedups(rows: list[Row], baseline: str) -> dict:
 
 def plot(rows: list[Row], png, title: str = "") -> Path:
     """Grouped bars: one group per ISL/OSL (and batch size), one bar per model; speedup labels."""
-    from nemo_neo.eval.optional import require
 
     mpl = require("matplotlib", "the throughput chart")
     mpl.use("Agg")

@@ -2,7 +2,7 @@
 
 Each stage reads the checkpoints the earlier stages recorded in their metrics.json (or the one the
 config names), writes its own checkpoint under <run_dir>/<stage>/, and returns its metrics; the
-driver (`nemo_neo.recipe.driver`) skips stages that already finished and records the rest.
+driver (`nemo_neo.recipes.driver`) skips stages that already finished and records the rest.
 Every rank of the torchrun job calls every stage; file writes happen on the main rank only.
 """
 
@@ -13,7 +13,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nemo_neo.recipe import config as rc
+from nemo_neo.checkpoint.load import build_for_context, load_model
+from nemo_neo.checkpoint.native import read_index, save_distributed
+from nemo_neo.data import default_corpus, load_token_rows
+from nemo_neo.eval import validation_loss
+from nemo_neo.eval.harness import accuracies, evaluate
+from nemo_neo.export.fp8 import export_fp8
+from nemo_neo.export.hf import export_hf
+from nemo_neo.recipes import config as rc
+from nemo_neo.recipes import plots
+from nemo_neo.recipes.default_teacher import cache_root
+from nemo_neo.recipes.distill import distill
+from nemo_neo.recipes.methods import MethodConfig, train_student
+from nemo_neo.recipes.prune import prune_checkpoint
 
 
 def _barrier(ctx) -> None:
@@ -34,8 +46,6 @@ class Recipe:
         if self._rows is None:
             from transformers import AutoTokenizer
 
-            from nemo_neo.data import load_token_rows
-            from nemo_neo.models.default_teacher import cache_root
 
             d = self.cfg.data
             tokenizer = AutoTokenizer.from_pretrained(str(self.teacher))
@@ -80,7 +90,6 @@ class Recipe:
         source = Path(c.input) if c.input else self.teacher
         if c.in_parallel:  # the teacher is corrected inside the distill stage instead
             return {"mode": "in_parallel", "checkpoint": None, "source": str(source)}
-        from nemo_neo.distill.methods import MethodConfig, train_student
 
         train, valid = self.rows()
         out_dir = self.run.stage_dir("correct")
@@ -90,7 +99,6 @@ class Recipe:
         return {"mode": c.mode, "source": str(source), **result}
 
     def prune(self) -> dict:
-        from nemo_neo.prune.run import prune_checkpoint
 
         p = self.cfg.prune
         source = Path(p.input) if p.input else self.corrected_teacher()
@@ -108,8 +116,6 @@ class Recipe:
         return report
 
     def _reinitialize(self, ckpt: Path) -> int:
-        from nemo_neo.checkpoint.native import read_index, save_distributed
-        from nemo_neo.models.load import build_for_context
         from megatron.core import tensor_parallel
 
         arch, _ = read_index(ckpt)
@@ -121,8 +127,6 @@ class Recipe:
         return seed
 
     def _validation_loss(self, ckpt: Path, desc: str) -> dict:
-        from nemo_neo.eval import validation_loss
-        from nemo_neo.models.load import load_model
 
         _, valid = self.rows()
         model, arch, _ = load_model(ckpt, self.ctx)
@@ -137,14 +141,12 @@ class Recipe:
         train_cfg = rc.train_config(d.train, "distill.train")
         out_dir = self.run.stage_dir("distill")
         if self.cfg.correct.in_parallel:
-            from nemo_neo.distill.run import distill
 
             c = rc.train_config(self.cfg.correct.train, "correct.train").optim
             result = distill(self.ctx, student, teacher, train, valid, train_cfg, out_dir,
                              rc.kd_loss_config(d.loss, "distill.loss"), self.cfg.evaluate.micro_batch_size,
                              correct_teacher_lr=(c.lr, c.min_lr))
         else:
-            from nemo_neo.distill.methods import train_student
 
             result = train_student(self.ctx, rc.method_config(d), student, teacher, train, valid, train_cfg, out_dir,
                                    out_ckpt=out_dir / "student", eval_micro_batch_size=self.cfg.evaluate.micro_batch_size)
@@ -153,7 +155,6 @@ class Recipe:
 
     def evaluate(self) -> dict:
         """Validation loss of every model the run produced (same rows), lm-eval tasks if asked, plots."""
-        from nemo_neo.recipe import plots
 
         models = {"teacher": self.teacher}
         for label, stage, key in (("corrected teacher", "correct", "checkpoint"), ("pruned student", "prune", "checkpoint"),
@@ -174,7 +175,6 @@ class Recipe:
         return {"models": results}
 
     def _tasks(self, ckpt: Path) -> dict:
-        from nemo_neo.eval.harness import accuracies, evaluate
         from nemo_neo.eval.lm_eval_model import NeoLM
 
         e = self.cfg.evaluate
@@ -191,11 +191,9 @@ class Recipe:
         out_dir = self.run.stage_dir("export")
         report = {"source": str(source)}
         if self.ctx.is_main:
-            from nemo_neo.export.hf import export_hf
 
             report["hf"] = export_hf(source, out_dir / "hf", dtype=x.dtype, overwrite=True)
             if x.fp8:
-                from nemo_neo.export.fp8 import export_fp8
 
                 calib = list(self.cfg.data.text_files) or [self._default_text_file(out_dir)]
                 report["fp8"] = export_fp8(source, out_dir / "fp8", calib, calib_samples=x.fp8_calib_samples,
@@ -206,7 +204,6 @@ class Recipe:
 
     @staticmethod
     def _default_text_file(out_dir: Path) -> Path:
-        from nemo_neo.data import default_corpus
 
         path = out_dir / "calibration.txt"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,17 +15,20 @@ from pathlib import Path
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from nemo_neo.recipe import config as rc
-from nemo_neo.recipe.run_dir import RunDirectory
-from nemo_neo.recipe.stages import Recipe
+from nemo_neo.checkpoint.convert import convert_hf_to_neo
+from nemo_neo.export.hf import is_hf_dir, is_neo_checkpoint
+from nemo_neo.parallel import ParallelConfig, initialize
+from nemo_neo.recipes import config as rc
+from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
+from nemo_neo.recipes.run_dir import RunDirectory
+from nemo_neo.recipes.stages import Recipe
 
-log = logging.getLogger("nemo_neo.recipe")
+log = logging.getLogger("nemo_neo.recipes")
 
 
 def resolve_teacher(cfg, ctx, run: RunDirectory) -> Path:
     """The teacher checkpoint: the one named (nemo_neo, or a Hugging Face directory converted once
     into the run directory), or the embedded SmolLM2-135M-Instruct (converted once, cached)."""
-    from nemo_neo.export.hf import is_hf_dir, is_neo_checkpoint
 
     named = cfg.teacher.checkpoint
     if named and is_neo_checkpoint(named):
@@ -34,14 +37,12 @@ def resolve_teacher(cfg, ctx, run: RunDirectory) -> Path:
         raise rc.RecipeConfigError(f"teacher.checkpoint={named} is neither a nemo_neo checkpoint (nemo_neo.json) nor a "
                                    "Hugging Face directory (config.json + safetensors); point it at one of those")
     if named:
-        from nemo_neo.checkpoint.convert import convert_hf_to_neo
 
         out = run.root / "teacher"
         if ctx.is_main and not is_neo_checkpoint(out):
             convert_hf_to_neo(named, out, overwrite=True)
         dist.barrier()
         return out
-    from nemo_neo.models.default_teacher import default_teacher_checkpoint
 
     # one process per node converts (once, cached); the others wait for it, then look it up
     path = default_teacher_checkpoint() if ctx.local_rank == 0 else None
@@ -50,7 +51,6 @@ def resolve_teacher(cfg, ctx, run: RunDirectory) -> Path:
 
 
 def run(cfg: DictConfig) -> dict:
-    from nemo_neo.parallel import ParallelConfig, initialize
 
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter group
     rc.check(cfg)  # names, modes, keys: before any process group or model

@@ -5,7 +5,7 @@ Only the student's adapters learn; the loss is alpha * CE + (1 - alpha) * KL(tea
 (larger ranks want lower LRs). At the end the adapters are saved alone (small) and merged into a
 full student checkpoint that converts to Hugging Face like any other.
 
-This is `nemo_neo.distill.methods.train_student` with method="llm_neo", kept as a function of
+This is `nemo_neo.recipes.methods.train_student` with method="llm_neo", kept as a function of
 its own for callers that think in LLM-Neo terms.
 """
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from nemo_neo.peft.apply import LoRAConfig
+from nemo_neo.recipes.methods import MethodConfig, train_student
 
 
 def llm_neo(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg, run_dir,
             lora: LoRAConfig | None = None, alpha: float = 0.5, temperature: float = 1.0, merged_out=None) -> dict:
     """Writes <run_dir>/adapters.safetensors and the merged student to `merged_out` (default <run_dir>/merged)."""
-    from nemo_neo.distill.methods import MethodConfig, train_student
 
     method = MethodConfig(method="llm_neo", alpha=alpha, temperature=temperature, lora=lora or LoRAConfig())
     return train_student(ctx, method, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg, run_dir,

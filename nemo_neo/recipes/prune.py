@@ -5,11 +5,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from nemo_neo.checkpoint.hf_io import copy_tokenizer_files
+from nemo_neo.checkpoint.hf_io import CheckpointError, copy_tokenizer_files, has_tokenizer
+from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import load_full_state, save_full_state
+from nemo_neo.data.dataset import load_token_rows
+from nemo_neo.parallel import initialize
 from nemo_neo.prune.depth import drop_layers
 from nemo_neo.prune.importance import ImportanceConfig, compute_importance, load_scores, save_scores
 from nemo_neo.prune.width import prune_width, pruned_arch
+from nemo_neo.recipes.depth_search import loss_metric, search_depth, task_metric, write_report
 
 WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
@@ -17,8 +21,6 @@ WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_quer
 def _calibration_rows(ckpt, calib_data, seq_length: int, num_samples: int):
     from transformers import AutoTokenizer
 
-    from nemo_neo.checkpoint.hf_io import CheckpointError, has_tokenizer
-    from nemo_neo.data.dataset import load_token_rows
 
     if not has_tokenizer(ckpt):
         raise CheckpointError(f"{ckpt} has no tokenizer files, so calibration text cannot be tokenized; convert the "
@@ -37,11 +39,8 @@ def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, cal
     ctx: run inside an already initialized (torchrun) job: every rank calibrates its model shard
     (TP/PP), the main rank writes, all return together. calib_rows / valid_rows: token rows to
     calibrate on / rank layers by instead of reading `calib_data`."""
-    from nemo_neo.models.load import load_model
-    from nemo_neo.parallel import initialize
 
     start = time.perf_counter()
-    from nemo_neo.checkpoint.hf_io import CheckpointError, has_tokenizer
 
     needs_text = (any(k in WIDTH_KEYS for k in target) and not scores_path) or ("num_layers" in target and not drop)
     if needs_text and calib_rows is None and not has_tokenizer(ckpt):  # before any heavy work
@@ -74,7 +73,6 @@ def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, cal
     if "num_layers" in target and target["num_layers"] < arch.num_layers and not drop:
         import tempfile
 
-        from nemo_neo.prune.depth_search import loss_metric, search_depth, task_metric
 
         with tempfile.TemporaryDirectory() as tmp:  # search on the (possibly width-pruned) model
             save_full_state(Path(tmp) / "m", arch, state)
@@ -95,7 +93,6 @@ def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, cal
         out = save_full_state(out, arch, state, lambda dst: copy_tokenizer_files(Path(ckpt), dst),
                               metadata={"pruning": report}, overwrite=overwrite)
         if depth_result is not None:
-            from nemo_neo.prune.depth_search import write_report
 
             write_report(depth_result, Path(out) / "pruning")
     if ctx is not None and ctx.world_size > 1:

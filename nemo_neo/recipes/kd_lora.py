@@ -31,11 +31,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nemo_neo.checkpoint.load import load_model
+from nemo_neo.checkpoint.native import read_index, save_distributed
 from nemo_neo.data.glue import compute_metrics, get_task, read_glue
 from nemo_neo.distill.losses import KDLossConfig, distillation_loss
-from nemo_neo.peft.apply import LoRAConfig, apply_lora, trainable_report
-from nemo_neo.peft.label_words import (class_logits, collate, encode_examples, evaluate, label_token_ids,
-                                       load_tokenizer, predict_logits)
+from nemo_neo.parallel import initialize
+from nemo_neo.peft.apply import LoRAConfig, apply_lora, save_adapters, trainable_report
+from nemo_neo.peft.label_words import (
+    class_logits,
+    collate,
+    encode_examples,
+    evaluate,
+    label_token_ids,
+    load_tokenizer,
+    predict_logits,
+)
+from nemo_neo.prune import drop_layers_checkpoint
+from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
 
 METHODS = ("fft", "lora", "kd_lora")
 
@@ -157,8 +169,6 @@ def default_student_drop(num_layers: int) -> list[int]:
 
 
 def make_student_checkpoint(teacher_ckpt, out, drop_layers=None, overwrite: bool = True) -> Path:
-    from nemo_neo.checkpoint.native import read_index
-    from nemo_neo.prune import drop_layers_checkpoint
 
     arch, _ = read_index(teacher_ckpt)
     drop = default_student_drop(arch.num_layers) if drop_layers is None else list(drop_layers)
@@ -179,7 +189,6 @@ def run_task(task: str = "SST-2", method: str = "kd_lora", config: KDLoRATaskCon
     built and (for lora / kd_lora) wrapped, before training (e.g. to snapshot its weights).
     The result holds the student's dev metrics before and after training, and for kd_lora the
     teacher's before / after its fine-tuning."""
-    from nemo_neo.models.load import load_model
 
     cfg = config or KDLoRATaskConfig()
     cfg = KDLoRATaskConfig(**{**asdict(cfg), "task": task, "method": method, **overrides})
@@ -192,13 +201,11 @@ def run_task(task: str = "SST-2", method: str = "kd_lora", config: KDLoRATaskCon
         raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
     spec = get_task(cfg.task)
     if ctx is None:
-        from nemo_neo.parallel import initialize
         ctx = initialize()
     if cfg.glue_root is None:
         raise ValueError("glue_root is required (<root>/<TASK>/{train,dev}.tsv)")
     teacher_ckpt = cfg.teacher_ckpt
     if teacher_ckpt is None:
-        from nemo_neo.models.default_teacher import default_teacher_checkpoint
         teacher_ckpt = default_teacher_checkpoint()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     if run_dir:
@@ -241,7 +248,6 @@ def run_task(task: str = "SST-2", method: str = "kd_lora", config: KDLoRATaskCon
             if cfg.evaluate_teacher:
                 result["teacher_after"] = ev(teacher)
             if cfg.save_models and run_dir:
-                from nemo_neo.checkpoint.native import save_distributed
                 save_distributed(run_dir / "teacher_finetuned", t_arch, teacher, ctx, tokenizer_src=teacher_ckpt,
                                  metadata={"kd_lora_teacher": {"task": spec.name}}, overwrite=True)
         teacher_logits = predict_logits(teacher, train_enc, label_ids, cfg.eval_batch_size, pad_id)
@@ -265,14 +271,13 @@ def run_task(task: str = "SST-2", method: str = "kd_lora", config: KDLoRATaskCon
     result["student_after"] = ev(student)
     if run_dir:
         if cfg.save_models and cfg.method != "fft":
-            from nemo_neo.peft.apply import save_adapters
             save_adapters(run_dir / "adapters.safetensors", student, s_arch, ctx, cfg.lora)
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def main(argv=None) -> dict:
-    """python -m nemo_neo.peft.kd_lora [--config conf/kd_lora.yaml] key=value ... (OmegaConf dotlist)."""
+    """python -m nemo_neo.recipes.kd_lora [--config conf/kd_lora.yaml] key=value ... (OmegaConf dotlist)."""
     import sys
 
     from omegaconf import OmegaConf

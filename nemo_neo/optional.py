@@ -9,16 +9,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+from nemo_neo.errors import MissingDependencyError
+
 INSTALL_HINTS = {
     "lm_eval": 'pip install "lm-eval[hf]==0.4.13"  (or: pip install -e ".[eval]")',
     "modelopt": 'pip install "nvidia-modelopt==0.47.0" requests huggingface_hub  (or: pip install -e ".[export]")',
     "tensorrt_llm": "use NVIDIA's TensorRT-LLM container (the PyPI wheels need NVIDIA's own index and a GPU)",
     "matplotlib": "pip install matplotlib",
 }
-
-
-class MissingDependencyError(ImportError):
-    """An optional package that this feature needs is not installed."""
 
 
 def require(module: str, feature: str):

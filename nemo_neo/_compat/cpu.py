@@ -14,7 +14,8 @@ that forwards everything to the real torch except:
 * tensor factories (``zeros``, ``empty``, ``tensor``, ...) map ``device="cuda"`` to the CPU.
 
 This is the only place in nemo_neo that works around CUDA. It is applied by
-:func:`activate_if_needed`, which does nothing when CUDA is available.
+:func:`activate_if_needed` (through `nemo_neo._compat.enable`, which entry points call), and does
+nothing when CUDA is available.
 """
 
 from __future__ import annotations
@@ -127,17 +128,32 @@ CPU_TORCH = _TorchOnCpu()
 _active = False
 
 
-def _tensor_cuda_is_identity(fn):
-    """Run ``fn`` with ``Tensor.cuda()`` returning the tensor itself (only LanguageModule needs it)."""
+def _embedding_sync_on_cpu(setup):
+    """LanguageModule.setup_embeddings_and_output_layer without its ``weight.data.cuda()``.
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        original = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda self, *a, **k: self
+    Under pipeline parallelism with tied embeddings, megatron-core copies the first stage's embedding
+    to the last stage's zeroed copy with ``weight.data = weight.data.cuda(); all_reduce(...)``. On a
+    CPU-only torch ``.cuda()`` can only raise. For this one module instance, the embedding-group test
+    is answered "no" while megatron's own code runs (so it skips that line), and the same all-reduce
+    is then done on the CPU tensor. Nothing process-wide is swapped."""
+
+    @functools.wraps(setup)
+    def wrapper(self, *args, **kwargs):
+        sync = (
+            torch.distributed.is_initialized()
+            and (self.share_embeddings_and_output_weights or getattr(self.config, "mtp_num_layers", 0))
+            and self.config.pipeline_model_parallel_size > 1
+            and self._is_in_embd_group()
+        )
+        self._is_in_embd_group = lambda: False  # instance attribute: shadows the method for this call
         try:
-            return fn(*args, **kwargs)
+            result = setup(self, *args, **kwargs)
         finally:
-            torch.Tensor.cuda = original
+            del self._is_in_embd_group
+        if sync:
+            weight = self.shared_embedding_or_output_weight()
+            torch.distributed.all_reduce(weight.data, group=self.embd_group)
+        return result
 
     return wrapper
 
@@ -181,9 +197,7 @@ def activate_if_needed() -> bool:
     from megatron.core.models.common.language_module import language_module
 
     cls = language_module.LanguageModule
-    cls.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
-        cls.setup_embeddings_and_output_layer
-    )
+    cls.setup_embeddings_and_output_layer = _embedding_sync_on_cpu(cls.setup_embeddings_and_output_layer)
     _active = True
     return True
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import read_index
 from nemo_neo.distill.losses import KDLossConfig
 from nemo_neo.distill.model import DistillationPair, check_teacher_compatible
 from nemo_neo.distill.objective import distillation_metrics, kd_loss_fn, kd_with_correction_loss_fn
-from nemo_neo.models.load import load_model
 from nemo_neo.train import state as ckpt_state
 from nemo_neo.train.loop import TrainConfig, Trainer
 

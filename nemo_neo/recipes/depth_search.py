@@ -17,6 +17,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from nemo_neo.eval.harness import accuracies, evaluate
+from nemo_neo.eval.lm_loss import validation_loss
+from nemo_neo.eval.tasks import task_manager
+
 
 @contextlib.contextmanager
 def layers_skipped(model, drop: list[int]):
@@ -62,7 +66,6 @@ def search_depth(model, ctx, num_drop: int, metric: Callable, higher_is_better: 
 
 
 def loss_metric(ctx, rows: torch.Tensor, micro_batch_size: int = 4) -> Callable:
-    from nemo_neo.eval.lm_loss import validation_loss
 
     return lambda model: validation_loss(model, ctx, rows, micro_batch_size, desc="candidate")["loss"]
 
@@ -72,9 +75,7 @@ def task_metric(ctx, tokenizer_dir, task: str, limit: int | None = None, data_di
     The model is evaluated in memory through nemo_neo's lm-eval LM; every rank gets the result."""
     import torch.distributed as dist
 
-    from nemo_neo.eval.harness import accuracies, evaluate
     from nemo_neo.eval.lm_eval_model import NeoLM
-    from nemo_neo.eval.tasks import task_manager
 
     manager = task_manager(data_dir=data_dir, include_defaults=False)
 

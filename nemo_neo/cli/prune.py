@@ -1,0 +1,118 @@
+"""Prune a model: width to a target architecture by activation importance, or depth.
+
+Dry run (no weights; prints the pruned architecture and parameter counts, built on the meta device):
+  python tools/prune.py --hf-config config.json --target hidden_size=3072,ffn_hidden_size=9216 --dry-run
+  python tools/prune.py --hf-config config.json --drop-layers 16-31 --dry-run
+
+Real pruning of a nemo_neo checkpoint (single process):
+  python tools/prune.py --ckpt teacher/ --out student/ --target ffn_hidden_size=768,hidden_size=432 \
+      --calib-data text.txt [--num-samples 1024 --seq-length 256] [--scores scores.pt]
+  python tools/prune.py --ckpt teacher/ --out student/ --drop-layers 15-29
+  python tools/prune.py --ckpt teacher/ --out student/ --target num_layers=15 --calib-data valid.txt
+      (depth by search: the contiguous block whose removal hurts the validation loss least;
+       writes depth_search.json/.png into <out>/pruning/)
+  python tools/prune.py --ckpt teacher/ --out student/ --target num_layers=15 \
+      --depth-metric task:neo_winogrande --data-dir ../shared/data --task-limit 200
+      (the block whose removal keeps WinoGrande accuracy highest, through lm-eval)
+
+Scores are saved (--save-scores) and reused (--scores) so pruning can be redone without recalibrating.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nemo_neo import enable_compat
+from nemo_neo.checkpoint.atomic import check_output_dir
+from nemo_neo.checkpoint.native import read_index
+from nemo_neo.errors import exit_on_user_error
+from nemo_neo.models.arch import arch_from_hf_config
+from nemo_neo.prune.depth import check_drop_layers
+from nemo_neo.prune.width import PruneTargetError, parse_target, pruned_arch
+from nemo_neo.recipes.prune import prune_checkpoint
+
+
+def parse_layers(text: str) -> list[int]:
+    out = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return out
+
+
+def meta_parameter_count(hf_config: dict) -> tuple[int, int]:
+    """(total, non-embedding) parameters of the HF model built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(hf_config)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    embed = model.get_input_embeddings().weight.numel()
+    if not config.tie_word_embeddings:
+        embed += model.get_output_embeddings().weight.numel()
+    return total, total - embed
+
+
+def describe(arch) -> dict:
+    return {k: getattr(arch, k) for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                          "num_query_groups", "head_dim", "vocab_size")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf-config", help="a Hugging Face config.json (dry run)")
+    src.add_argument("--ckpt", help="a nemo_neo checkpoint to prune")
+    p.add_argument("--target", default="", help="key=value[,...]: hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups, num_layers")
+    p.add_argument("--drop-layers", default=None, help="explicit layers to drop, e.g. 16-31 or 3,5,7 (0-based)")
+    p.add_argument("--dry-run", action="store_true", help="print the pruned architecture; touch no weights")
+    p.add_argument("--out", help="output checkpoint directory")
+    p.add_argument("--calib-data", nargs="*", default=None, help=".txt/.jsonl calibration text (default: CPython docs)")
+    p.add_argument("--num-samples", type=int, default=1024)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--scores", help="reuse importance scores saved by --save-scores")
+    p.add_argument("--save-scores", help="write the importance scores here")
+    p.add_argument("--depth-metric", default="loss", help="depth search by 'loss' or 'task:<lm-eval task>' accuracy (e.g. task:neo_winogrande)")
+    p.add_argument("--task-limit", type=int, default=None, help="documents per candidate for --depth-metric task:...")
+    p.add_argument("--data-dir", default=None, help="where the task pack's local files live (e.g. ../shared/data)")
+    p.add_argument("--tp", type=int, default=1, help="TP the pruned model must support")
+    p.add_argument("--pp", type=int, default=1, help="PP the pruned model must support")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    enable_compat()
+
+
+    with exit_on_user_error():
+        target = parse_target(args.target)
+        drop = parse_layers(args.drop_layers) if args.drop_layers else []
+        if args.hf_config:
+            arch = arch_from_hf_config(json.loads(Path(args.hf_config).read_text()))
+        else:
+
+            arch, _ = read_index(args.ckpt)
+        if drop:
+            target["num_layers"] = arch.num_layers - len(check_drop_layers(arch.num_layers, drop))
+        new = pruned_arch(arch, target, args.tp, args.pp)  # validates before any work
+        if args.dry_run:
+            before, after = meta_parameter_count(arch.to_hf_config()), meta_parameter_count(new.to_hf_config())
+            print(json.dumps({"original": {**describe(arch), "parameters": before[0], "non_embedding_parameters": before[1]},
+                              "pruned": {**describe(new), "parameters": after[0], "non_embedding_parameters": after[1]}}, indent=2))
+            return 0
+        if not args.ckpt or not args.out:
+            raise PruneTargetError("pruning weights needs --ckpt and --out (or pass --dry-run with --hf-config)")
+        check_output_dir(args.out, args.overwrite)
+
+        result = prune_checkpoint(args.ckpt, args.out, target, drop, calib_data=args.calib_data,
+                                  num_samples=args.num_samples, seq_length=args.seq_length, scores_path=args.scores,
+                                  save_scores_path=args.save_scores, tp=args.tp, pp=args.pp, overwrite=args.overwrite,
+                                  depth_metric=args.depth_metric, task_limit=args.task_limit, data_dir=args.data_dir)
+        print(json.dumps(result, indent=2))
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

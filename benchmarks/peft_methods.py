@@ -63,6 +63,7 @@ def run_ours(args, probe: MemoryProbe) -> dict:
     import nemo_neo.recipes.distill as run
     import nemo_neo.recipes.methods as methods
     from nemo_neo.parallel import initialize
+    from nemo_neo.distill.losses import KDLossConfig
     from nemo_neo.peft import LoRAConfig
     from nemo_neo.train.loop import TrainConfig, Trainer
 
@@ -84,7 +85,8 @@ def run_ours(args, probe: MemoryProbe) -> dict:
     ctx = initialize()
     rows = torch.load(Path(args.work_dir) / "rows.pt")
     work = Path(args.work_dir)
-    method = methods.MethodConfig(method=args.worker, alpha=ALPHA, lora=LoRAConfig(rank=args.rank, alpha=2.0 * args.rank))
+    method = methods.MethodConfig(method=args.worker, loss=KDLossConfig(alpha=ALPHA),
+                                  lora=LoRAConfig(rank=args.rank, alpha=2.0 * args.rank))
     teacher = work / "teacher" if method.trains_on_teacher else None  # sft / lora: no teacher at all
     cfg = TrainConfig(steps=args.warmup + args.steps, global_batch_size=args.gbs, micro_batch_size=args.mbs,
                       save_every=10**9, eval_every=10**9)

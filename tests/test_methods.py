@@ -10,6 +10,8 @@ import torch
 
 from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import load_full_state
+from nemo_neo.distill.losses import KDLossConfig
+from nemo_neo.errors import ConfigError
 from nemo_neo.peft import LoRAConfig, apply_lora, load_adapters
 from nemo_neo.recipes.methods import METHODS, MethodConfig, MethodConfigError, train_student, validation_metrics
 from nemo_neo.train.loop import TrainConfig
@@ -131,10 +133,12 @@ def test_ce_methods_train_without_a_teacher(tiny_pair, rows, parallel_ctx, tmp_p
 def test_bad_method_input(tiny_pair, rows, parallel_ctx, tmp_path):
     with pytest.raises(MethodConfigError, match="unknown training method 'distil'; choose one of sft, lora, kd, llm_neo"):
         MethodConfig(method="distil")
-    with pytest.raises(MethodConfigError, match="kd_loss"):
-        MethodConfig(method="kd", kd_loss="kl")
-    with pytest.raises(MethodConfigError, match="alpha"):
-        MethodConfig(method="llm_neo", alpha=1.5)
+    with pytest.raises(ConfigError, match="unknown distillation loss kind 'kl'"):
+        MethodConfig(method="kd", loss=KDLossConfig(kind="kl"))
+    with pytest.raises(ConfigError, match="alpha"):
+        MethodConfig(method="llm_neo", loss=KDLossConfig(alpha=1.5))
+    with pytest.raises(MethodConfigError, match="loss must be a KDLossConfig"):
+        MethodConfig(method="kd", loss="forward_kl")
     config = MethodConfig(method="kd")
     config.method = "LoRA"  # e.g. set after construction by a config system
     train, valid = rows

@@ -45,11 +45,11 @@ def test_preset_validates_once_its_paths_are_given(preset, tmp_path):
                if OmegaConfMissing.is_missing(cfg, k)}
     if missing:  # the cluster presets name what the user must supply, in one error
         with pytest.raises(rc.RecipeConfigError, match="needs a value for") as err:
-            rc.check(cfg)
+            rc.build(cfg)
         assert all(k in str(err.value) for k in missing)
         overrides = [f"{k}={tmp_path}" if k != "data.text_files" else f"{k}=[{tmp_path}/a.txt]" for k in missing]
         cfg = compose(preset, *overrides)
-    rc.check(cfg)  # every section maps onto the library's configs
+    rc.build(cfg)  # every section maps onto the library's configs
 
 
 class OmegaConfMissing:
@@ -97,13 +97,13 @@ def test_hyperparameter_tables_match_the_values(tmp_path):
     t = rc.train_config(m.distill.train, "distill.train")
     assert t.steps * t.global_batch_size * m.data.seq_length == pytest.approx(380e9, rel=0.01)
     neo = compose("llm_neo_llama31_8b_to_llama32_1b")
-    lora = rc.lora_config(neo.distill.lora, "distill.lora")
+    lora = rc.method_config(neo.distill.method, neo.distill.loss, neo.distill.lora, "distill").lora
     t = rc.train_config(neo.distill.train, "distill.train")
     assert (neo.distill.method, lora.rank, t.optim.lr, t.optim.min_lr) == ("llm_neo", 128, 2e-4, 1e-5)
     kd = compose("kd_lora")
-    lora = rc.lora_config(kd.distill.lora, "distill.lora")
+    lora = rc.method_config(kd.distill.method, kd.distill.loss, kd.distill.lora, "distill").lora
     assert (lora.rank, list(lora.targets), list(lora.qkv_parts), kd.distill.loss.temperature) == (8, ["linear_qkv"], ["q", "v"], 2.0)
-    loss = rc.method_config(kd.distill).training_loss()  # what the distill stage trains with
+    loss = rc.method_config(kd.distill.method, kd.distill.loss, kd.distill.lora, "distill").training_loss()  # what the distill stage trains with
     assert (loss.kind, loss.alpha, loss.temperature, loss.t2_scaling) == ("ce_kl", 0.5, 2.0, True)
-    neo_loss = rc.method_config(neo.distill).training_loss()
+    neo_loss = rc.method_config(neo.distill.method, neo.distill.loss, neo.distill.lora, "distill").training_loss()
     assert (neo_loss.kind, neo_loss.t2_scaling) == ("ce_kl", False)

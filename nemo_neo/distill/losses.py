@@ -5,7 +5,8 @@ Which loss for which recipe
 * ``forward_kl`` -- KL(teacher || student) on logits only, no cross-entropy. This is the Minitron
   default (Sreenivas et al., 2024, "LLM Pruning and Distillation in Practice: The Minitron
   Approach"): after pruning, the student is retrained with logit-only forward KL at T = 1.
-* ``ce_kl`` -- ``alpha * CE(student, labels) + (1 - alpha) * s * KL(teacher_T || student_T)`` with
+* ``ce_kl`` -- ``alpha * CE(student, labels) + (1 - alpha) * s * D(teacher_T, student_T)`` with
+  D the forward KL by default (``divergence`` chooses reverse KL or JSD instead) and
   ``s = T**2`` when ``t2_scaling`` else 1. The two papers this project reproduces differ exactly in
   ``s``: LLM-Neo (Yang et al., 2024) uses plain ``alpha * CE + (1 - alpha) * KL`` (``t2_scaling=False``);
   KD-LoRA (Azimi et al., 2024) uses cross-entropy plus a KL that is scaled by T**2 (Hinton et al.,
@@ -60,8 +61,10 @@ from typing import NamedTuple
 import torch
 
 from nemo_neo.distill import vocab_parallel as vp
+from nemo_neo.errors import ConfigError
 
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "ce_kl")
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 # chunk_tokens="auto": elements of one [chunk x V_local] compute-dtype buffer, per device type.
 AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 23}
@@ -81,6 +84,8 @@ class KDLossConfig:
         "auto" = AUTO_CHUNK_ELEMENTS // V_local tokens (see "Memory and time" above);
         None = one chunk with all tokens.
     ignore_index: label value that removes a token in ``ce_kl``.
+    divergence: the divergence beside CE in ``ce_kl`` (forward_kl, reverse_kl or jsd); the other
+        kinds are their own divergence.
     """
 
     kind: str = "forward_kl"
@@ -91,28 +96,36 @@ class KDLossConfig:
     jsd_beta: float = 0.5
     chunk_tokens: int | str | None = "auto"
     ignore_index: int = -100
+    divergence: str = "forward_kl"
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
-            raise ValueError(f"unknown distillation loss kind {self.kind!r}; choose one of {LOSS_KINDS}.")
+            raise ConfigError(f"unknown distillation loss kind {self.kind!r}; choose one of {LOSS_KINDS}.")
+        if self.divergence not in DIVERGENCE_KINDS:
+            raise ConfigError(f"unknown divergence {self.divergence!r}; choose one of {DIVERGENCE_KINDS}.")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}.")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}.")
         if not 0.0 < self.jsd_beta < 1.0:
-            raise ValueError(f"jsd_beta must be strictly between 0 and 1, got {self.jsd_beta}.")
+            raise ConfigError(f"jsd_beta must be strictly between 0 and 1, got {self.jsd_beta}.")
         if not (self.chunk_tokens is None or self.chunk_tokens == "auto" or
                 (isinstance(self.chunk_tokens, int) and self.chunk_tokens >= 1)):
-            raise ValueError(f"chunk_tokens must be an int >= 1, 'auto' or None, got {self.chunk_tokens!r}.")
+            raise ConfigError(f"chunk_tokens must be an int >= 1, 'auto' or None, got {self.chunk_tokens!r}.")
         if self.top_k is not None:
             if self.top_k < 1:
-                raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}.")
-            if self.kind not in ("forward_kl", "ce_kl"):
-                raise ValueError(
-                    f"top_k is only defined for forward_kl and ce_kl, not {self.kind!r}: a teacher "
+                raise ConfigError(f"top_k must be >= 1 or None, got {self.top_k}.")
+            if self.divergence_kind != "forward_kl":
+                raise ConfigError(
+                    f"top_k is only defined for the forward KL (forward_kl, ce_kl), not {self.divergence_kind!r}: a teacher "
                     "truncated to k tokens has zero mass elsewhere, so reverse KL / JSD against it "
                     "are infinite or meaningless. Use top_k=None."
                 )
+
+    @property
+    def divergence_kind(self) -> str:
+        """The divergence this loss computes (for ce_kl: the one beside CE)."""
+        return self.divergence if self.kind == "ce_kl" else self.kind
 
     @property
     def divergence_scale(self) -> float:
@@ -229,7 +242,7 @@ def _cross_entropy(student, labels, group, ws: _Workspace):
     return per_token, grad
 
 
-_DIVERGENCES = {"forward_kl": _forward_kl, "ce_kl": _forward_kl, "reverse_kl": _reverse_kl, "jsd": _jsd}
+_DIVERGENCES = {"forward_kl": _forward_kl, "reverse_kl": _reverse_kl, "jsd": _jsd}
 
 
 def _chunk_loss_and_grad(student, teacher, labels, weight, config: KDLossConfig, group, ws: _Workspace):
@@ -245,11 +258,11 @@ def _chunk_loss_and_grad(student, teacher, labels, weight, config: KDLossConfig,
         if scale == 0.0:  # alpha = 1: pure cross-entropy, the divergence would be multiplied by 0
             per_token, grad = ce * config.alpha, ce_grad.mul_(config.alpha)
         else:
-            per_token, grad = _DIVERGENCES[config.kind](student, teacher, config, group, ws)
+            per_token, grad = _DIVERGENCES[config.divergence_kind](student, teacher, config, group, ws)
             per_token = per_token * scale + ce * config.alpha
             grad = grad.mul_(scale).add_(ce_grad, alpha=config.alpha)
     else:
-        per_token, grad = _DIVERGENCES[config.kind](student, teacher, config, group, ws)
+        per_token, grad = _DIVERGENCES[config.divergence_kind](student, teacher, config, group, ws)
         if scale != 1.0:
             per_token = per_token * scale
             grad = grad.mul_(scale)

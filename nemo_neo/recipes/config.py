@@ -1,31 +1,113 @@
-"""The recipe's hydra config, turned into the library's typed configs, validated before any work.
+"""The recipe's hydra config, turned once into typed configs and validated before any work.
 
 The yaml (conf/prune_distill.yaml + conf/preset/*.yaml) reads like the papers' hyperparameter
-tables; this module is the one place that maps its sections onto TrainConfig / OptimConfig /
-LoRAConfig / KDLossConfig / ImportanceConfig, so a typo in a key fails here, by name.
+tables; `build` is the one place that maps its sections onto the library's typed configs
+(TrainConfig / OptimConfig / LoRAConfig / KDLossConfig / ImportanceConfig / ParallelConfig and the
+workflows' MethodConfig), so a typo in a key fails here, by name, and the stages receive objects,
+never the raw DictConfig.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_neo.distill.losses import KDLossConfig
 from nemo_neo.errors import ConfigError
+from nemo_neo.parallel import ParallelConfig
 from nemo_neo.peft.apply import LoRAConfig
 from nemo_neo.prune.importance import ImportanceConfig
-from nemo_neo.recipes.methods import MethodConfig
+from nemo_neo.recipes.methods import METHODS, MethodConfig
 from nemo_neo.train.loop import TrainConfig
 from nemo_neo.train.optim import OptimConfig
 
 STAGES = ("correct", "prune", "distill", "evaluate", "export")
 CORRECTION_MODES = ("full", "lora")
-DISTILL_METHODS = ("kd", "llm_neo", "lora", "sft")
 
 
 class RecipeConfigError(ConfigError):
     """The recipe's configuration cannot be run as given (message names the key and the fix)."""
+
+
+@dataclass
+class DataSection:
+    text_files: list = field(default_factory=list)
+    seq_length: int = 256
+    valid_fraction: float = 0.1
+    max_train_sequences: int | None = None
+    max_valid_sequences: int | None = 64
+
+
+@dataclass
+class CorrectSection:
+    mode: str = "full"
+    in_parallel: bool = False
+    input: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    @property
+    def method(self) -> MethodConfig:
+        """Correction is the teacher's own LM fine-tune: full-parameter CE, or CE on adapters."""
+        return MethodConfig(method="sft" if self.mode == "full" else "lora", lora=self.lora)
+
+
+@dataclass
+class PruneSection:
+    input: str | None = None
+    target: dict = field(default_factory=dict)
+    drop_layers: list | None = None
+    depth_metric: str = "loss"
+    task_limit: int | None = None
+    data_dir: str | None = None
+    random_init: bool = False
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+
+
+@dataclass
+class DistillSection:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    student: str | None = None
+    teacher: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def loss(self) -> KDLossConfig:
+        return self.method.loss
+
+
+@dataclass
+class EvaluateSection:
+    micro_batch_size: int = 4
+    tasks: list = field(default_factory=list)
+    task_limit: int | None = None
+    data_dir: str | None = None
+
+
+@dataclass
+class ExportSection:
+    input: str | None = None
+    dtype: str = "bfloat16"
+    fp8: bool = False
+    fp8_calib_samples: int = 64
+
+
+@dataclass
+class RecipeConfig:
+    """Everything the stages read, typed. Built by `build` from the composed hydra config."""
+
+    run_dir: str
+    resume: bool
+    stages: list
+    teacher_checkpoint: str | None
+    data: DataSection
+    parallel: ParallelConfig
+    correct: CorrectSection
+    prune: PruneSection
+    distill: DistillSection
+    evaluate: EvaluateSection
+    export: ExportSection
 
 
 def _plain(node) -> dict:
@@ -37,7 +119,12 @@ def _build(cls, values: dict, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise RecipeConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise RecipeConfigError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:  # a library check, or a value of the wrong type
+        raise RecipeConfigError(f"{where}: {e}") from None
 
 
 def train_config(node, where: str) -> TrainConfig:
@@ -46,31 +133,21 @@ def train_config(node, where: str) -> TrainConfig:
     values = _plain(node)
     loop_keys = {f.name for f in fields(TrainConfig)} - {"optim"}
     optim = _build(OptimConfig, {k: v for k, v in values.items() if k not in loop_keys}, f"{where} (optimizer)")
-    return TrainConfig(**{k: v for k, v in values.items() if k in loop_keys}, optim=optim)
+    return _build(TrainConfig, {**{k: v for k, v in values.items() if k in loop_keys}, "optim": optim}, where)
 
 
-def lora_config(node, where: str) -> LoRAConfig:
-    return _build(LoRAConfig, _plain(node), where)
+def method_config(method: str, loss_node, lora_node, where: str) -> MethodConfig:
+    """A training method with its whole loss (every KDLossConfig field, e.g. top_k, jsd_beta,
+    chunk_tokens, divergence) and its adapters."""
+    loss = _build(KDLossConfig, _plain(loss_node), f"{where}.loss")
+    lora = _build(LoRAConfig, _plain(lora_node), f"{where}.lora")
+    if method not in METHODS:
+        raise RecipeConfigError(f"{where}.method={method!r}: use one of {list(METHODS)}")
+    return _build(MethodConfig, {"method": method, "loss": loss, "lora": lora}, where)
 
 
-def kd_loss_config(node, where: str) -> KDLossConfig:
-    return _build(KDLossConfig, _plain(node), where)
-
-
-def method_config(distill_node):
-    """The distill section's training method (loss weights, temperature, T^2, adapters)."""
-
-    loss = kd_loss_config(distill_node.loss, "distill.loss")
-    return MethodConfig(method=distill_node.method, alpha=loss.alpha, temperature=loss.temperature, kd_loss=loss.kind,
-                        lora=lora_config(distill_node.lora, "distill.lora"), t2_scaling=loss.t2_scaling)
-
-
-def importance_config(node, where: str) -> ImportanceConfig:
-    return _build(ImportanceConfig, _plain(node), where)
-
-
-def check(cfg: DictConfig) -> None:
-    """Everything that can be checked without touching a model: stage names, modes, methods."""
+def build(cfg: DictConfig) -> RecipeConfig:
+    """The typed recipe config, or one `RecipeConfigError` naming the key and the fix."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise RecipeConfigError(f"the config needs a value for {', '.join(missing)} (the preset marks them ???); set "
@@ -79,19 +156,29 @@ def check(cfg: DictConfig) -> None:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise RecipeConfigError(f"unknown stage(s) {unknown} in stages={stages}; available, in order: {list(STAGES)}")
-    if cfg.correct.mode not in CORRECTION_MODES:
-        raise RecipeConfigError(f"correct.mode={cfg.correct.mode!r}: use one of {list(CORRECTION_MODES)}")
-    if cfg.distill.method not in DISTILL_METHODS:
-        raise RecipeConfigError(f"distill.method={cfg.distill.method!r}: use one of {list(DISTILL_METHODS)}")
-    if cfg.correct.in_parallel and cfg.distill.method != "kd":
+    c, p, d = cfg.correct, cfg.prune, cfg.distill
+    if c.mode not in CORRECTION_MODES:
+        raise RecipeConfigError(f"correct.mode={c.mode!r}: use one of {list(CORRECTION_MODES)}")
+    correct = CorrectSection(mode=c.mode, in_parallel=bool(c.in_parallel), input=c.input,
+                             train=train_config(c.train, "correct.train"),
+                             lora=_build(LoRAConfig, _plain(c.lora), "correct.lora"))
+    distill = DistillSection(method=method_config(d.method, d.loss, d.lora, "distill"), student=d.student,
+                             teacher=d.teacher, train=train_config(d.train, "distill.train"))
+    if correct.in_parallel and distill.method.method != "kd":
         raise RecipeConfigError("correct.in_parallel=true corrects the teacher while a full-parameter student "
-                                f"distills from it; it needs distill.method=kd (got {cfg.distill.method!r})")
-    if "prune" in stages and not cfg.prune.target and not cfg.prune.drop_layers:
+                                f"distills from it; it needs distill.method=kd (got {distill.method.method!r})")
+    prune_values = {k: v for k, v in _plain(p).items() if k != "importance"}
+    prune = _build(PruneSection, {**prune_values, "target": dict(prune_values.get("target") or {}),
+                                  "importance": _build(ImportanceConfig, _plain(p.importance), "prune.importance")},
+                   "prune")
+    if "prune" in stages and not prune.target and not prune.drop_layers:
         raise RecipeConfigError("the prune stage needs prune.target (e.g. {ffn_hidden_size: 768, hidden_size: 432} "
                                 "or {num_layers: 16}) or prune.drop_layers")
-    for section in ("correct", "distill"):
-        train_config(cfg[section].train, f"{section}.train")
-    lora_config(cfg.correct.lora, "correct.lora")
-    lora_config(cfg.distill.lora, "distill.lora")
-    kd_loss_config(cfg.distill.loss, "distill.loss")
-    importance_config(cfg.prune.importance, "prune.importance")
+    return RecipeConfig(
+        run_dir=cfg.run_dir, resume=bool(cfg.resume), stages=stages, teacher_checkpoint=cfg.teacher.checkpoint,
+        data=_build(DataSection, _plain(cfg.data), "data"),
+        parallel=_build(ParallelConfig, _plain(cfg.parallel), "parallel"),
+        correct=correct, prune=prune, distill=distill,
+        evaluate=_build(EvaluateSection, _plain(cfg.evaluate), "evaluate"),
+        export=_build(ExportSection, _plain(cfg.export), "export"),
+    )

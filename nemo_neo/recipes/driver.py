@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
 from nemo_neo.export.hf import is_hf_dir, is_neo_checkpoint
-from nemo_neo.parallel import ParallelConfig, initialize
+from nemo_neo.parallel import ParallelContext, initialize
 from nemo_neo.recipes import config as rc
 from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
 from nemo_neo.recipes.run_dir import RunDirectory
@@ -26,18 +26,16 @@ from nemo_neo.recipes.stages import Recipe
 log = logging.getLogger("nemo_neo.recipes")
 
 
-def resolve_teacher(cfg, ctx, run: RunDirectory) -> Path:
+def resolve_teacher(cfg: rc.RecipeConfig, ctx: ParallelContext, run: RunDirectory) -> Path:
     """The teacher checkpoint: the one named (nemo_neo, or a Hugging Face directory converted once
     into the run directory), or the embedded SmolLM2-135M-Instruct (converted once, cached)."""
-
-    named = cfg.teacher.checkpoint
+    named = cfg.teacher_checkpoint
     if named and is_neo_checkpoint(named):
         return Path(named)
     if named and not is_hf_dir(named):
         raise rc.RecipeConfigError(f"teacher.checkpoint={named} is neither a nemo_neo checkpoint (nemo_neo.json) nor a "
                                    "Hugging Face directory (config.json + safetensors); point it at one of those")
     if named:
-
         out = run.root / "teacher"
         if ctx.is_main and not is_neo_checkpoint(out):
             convert_hf_to_neo(named, out, overwrite=True)
@@ -51,11 +49,9 @@ def resolve_teacher(cfg, ctx, run: RunDirectory) -> Path:
 
 
 def run(cfg: DictConfig) -> dict:
-
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter group
-    rc.check(cfg)  # names, modes, keys: before any process group or model
-    p = cfg.parallel
-    ctx = initialize(ParallelConfig(p.tensor_parallel, p.pipeline_parallel, p.seed, p.timeout_minutes))
+    recipe_cfg = rc.build(cfg)  # typed once; names, modes, keys checked before any process group or model
+    ctx = initialize(recipe_cfg.parallel)
     run_dir = RunDirectory(cfg.run_dir, ctx.is_main)
     state = run_dir.check(cfg)  # every rank checks before anyone writes
     dist.barrier()
@@ -63,10 +59,10 @@ def run(cfg: DictConfig) -> dict:
     if ctx.is_main:
         log.info("run_dir %s (%s): stages %s on %d rank(s), TP=%d PP=%d DP=%d", run_dir.root, state, list(cfg.stages),
                  ctx.world_size, ctx.tp_size, ctx.pp_size, ctx.dp_size)
-    recipe = Recipe(cfg, ctx, run_dir, resolve_teacher(cfg, ctx, run_dir))
+    recipe = Recipe(recipe_cfg, ctx, run_dir, resolve_teacher(recipe_cfg, ctx, run_dir))
     summary = {}
     for stage in rc.STAGES:
-        if stage not in cfg.stages:
+        if stage not in recipe_cfg.stages:
             continue
         done = run_dir.done(stage)
         if done is not None:

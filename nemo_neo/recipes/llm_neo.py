@@ -13,14 +13,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nemo_neo.distill.losses import KDLossConfig
 from nemo_neo.peft.apply import LoRAConfig
 from nemo_neo.recipes.methods import MethodConfig, train_student
 
 
 def llm_neo(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg, run_dir,
-            lora: LoRAConfig | None = None, alpha: float = 0.5, temperature: float = 1.0, merged_out=None) -> dict:
-    """Writes <run_dir>/adapters.safetensors and the merged student to `merged_out` (default <run_dir>/merged)."""
+            lora: LoRAConfig | None = None, alpha: float = 0.5, temperature: float = 1.0, merged_out=None,
+            loss: KDLossConfig | None = None) -> dict:
+    """Writes <run_dir>/adapters.safetensors and the merged student to `merged_out` (default <run_dir>/merged).
+    `loss` replaces alpha / temperature with a whole KDLossConfig (e.g. another divergence, top-k)."""
 
-    method = MethodConfig(method="llm_neo", alpha=alpha, temperature=temperature, lora=lora or LoRAConfig())
+    method = MethodConfig(method="llm_neo", loss=loss or KDLossConfig(kind="ce_kl", alpha=alpha, temperature=temperature),
+                          lora=lora or LoRAConfig())
     return train_student(ctx, method, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg, run_dir,
                          out_ckpt=merged_out or Path(run_dir) / "merged")

@@ -2,10 +2,10 @@
 
     sft      full-parameter fine-tune on the text, cross-entropy only (no teacher in training)
     lora     LoRA adapters on the student, cross-entropy only (no teacher in training)
-    kd       full-parameter logit distillation from the teacher: forward KL (Minitron), or
-             alpha * CE + (1 - alpha) * KL with kd_loss="ce_kl"
+    kd       full-parameter logit distillation from the teacher with the configured loss: forward KL
+             (Minitron), or any KDLossConfig (alpha * CE + (1 - alpha) * KL with kind="ce_kl", top-k, ...)
     llm_neo  LoRA adapters trained with alpha * CE + (1 - alpha) * KL(teacher || student), no T^2
-             factor (Yang et al., 2024)
+             factor (Yang et al., 2024); the divergence and its options come from the loss config
 
 All four run through the same `Trainer` (resumable checkpoints, TensorBoard, progress bar) at any
 TP/PP layout, and all four are validated the same way before and after training: the student's
@@ -22,12 +22,12 @@ also saved alone, small, to <run_dir>/adapters.safetensors).
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import read_index, save_distributed
-from nemo_neo.distill.losses import LOSS_KINDS, KDLossConfig
+from nemo_neo.distill.losses import KDLossConfig
 from nemo_neo.distill.model import DistillationPair, check_teacher_compatible
 from nemo_neo.distill.objective import distillation_metrics, lm_loss_fn
 from nemo_neo.errors import ConfigError
@@ -49,17 +49,15 @@ class MethodConfigError(ConfigError):
 @dataclass
 class MethodConfig:
     """method: one of METHODS (see the module docstring).
-    alpha: weight of CE in alpha * CE + (1 - alpha) * KL (llm_neo, and kd with kd_loss="ce_kl").
-    temperature: softening of both distributions in the KL (kd, llm_neo).
-    kd_loss: the loss kind of `kd` (any of nemo_neo.distill.losses.LOSS_KINDS).
+    loss: the whole distillation loss (`KDLossConfig`: kind, alpha, temperature, t2_scaling, top_k,
+        jsd_beta, chunk_tokens, divergence, ...). `kd` trains with it as given; `llm_neo` is
+        alpha * CE + (1 - alpha) * divergence, so a `kind` other than ce_kl names that divergence
+        (forward_kl, reverse_kl, jsd); the CE-only methods ignore it.
     lora: the adapters of lora / llm_neo (paper defaults: rank 128 on every linear layer)."""
 
     method: str = "kd"
-    alpha: float = 0.5
-    temperature: float = 1.0
-    kd_loss: str = "forward_kl"
+    loss: KDLossConfig = field(default_factory=KDLossConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    t2_scaling: bool = False  # multiply the KL by T^2 (KD-LoRA / Hinton); off for LLM-Neo and Minitron
 
     def __post_init__(self):
         self.validate()
@@ -68,9 +66,9 @@ class MethodConfig:
         """Also called by `train_student`: a Hydra-merged config never runs __post_init__."""
         if self.method not in METHODS:
             raise MethodConfigError(f"unknown training method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.kd_loss not in LOSS_KINDS:
-            raise MethodConfigError(f"unknown kd_loss {self.kd_loss!r}; choose one of {', '.join(LOSS_KINDS)}")
-        self.training_loss()  # alpha and temperature ranges
+        if not isinstance(self.loss, KDLossConfig):
+            raise MethodConfigError(f"loss must be a KDLossConfig, got {type(self.loss).__name__}")
+        self.training_loss()  # the loss as the method uses it must be valid too
         if self.uses_lora:
             self.lora.resolved_targets()
 
@@ -84,15 +82,13 @@ class MethodConfig:
 
     def training_loss(self) -> KDLossConfig | None:
         """The distillation loss of kd / llm_neo; None for the CE-only methods."""
-        try:
-            if self.method == "llm_neo":
-                return KDLossConfig(kind="ce_kl", alpha=self.alpha, temperature=self.temperature,
-                                    t2_scaling=self.t2_scaling)
-            if self.method == "kd":
-                return KDLossConfig(kind=self.kd_loss, alpha=self.alpha, temperature=self.temperature,
-                                    t2_scaling=self.t2_scaling)
-        except ValueError as e:
-            raise MethodConfigError(f"method {self.method!r}: {e}") from None
+        if self.method == "kd":
+            return self.loss
+        if self.method == "llm_neo":
+            if self.loss.kind == "ce_kl":
+                return self.loss
+            # LLM-Neo always adds CE: the configured kind is the divergence beside it
+            return replace(self.loss, kind="ce_kl", divergence=self.loss.kind)
         return None
 
 

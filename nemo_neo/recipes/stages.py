@@ -20,12 +20,14 @@ from nemo_neo.eval import validation_loss
 from nemo_neo.eval.harness import accuracies, evaluate
 from nemo_neo.export.fp8 import export_fp8
 from nemo_neo.export.hf import export_hf
+from nemo_neo.parallel import ParallelContext
 from nemo_neo.recipes import config as rc
 from nemo_neo.recipes import plots
 from nemo_neo.recipes.default_teacher import cache_root
 from nemo_neo.recipes.distill import distill
-from nemo_neo.recipes.methods import MethodConfig, train_student
+from nemo_neo.recipes.methods import train_student
 from nemo_neo.recipes.prune import prune_checkpoint
+from nemo_neo.recipes.run_dir import RunDirectory
 
 
 def _barrier(ctx) -> None:
@@ -36,7 +38,7 @@ def _barrier(ctx) -> None:
 class Recipe:
     """What the stages share: the parallel context, the run directory, the config and the data."""
 
-    def __init__(self, cfg, ctx, run, teacher_ckpt: Path):
+    def __init__(self, cfg: rc.RecipeConfig, ctx: ParallelContext, run: RunDirectory, teacher_ckpt: Path):
         self.cfg, self.ctx, self.run = cfg, ctx, run
         self.teacher = Path(teacher_ckpt)
         self._rows = None
@@ -93,17 +95,15 @@ class Recipe:
 
         train, valid = self.rows()
         out_dir = self.run.stage_dir("correct")
-        method = MethodConfig(method="sft" if c.mode == "full" else "lora", lora=rc.lora_config(c.lora, "correct.lora"))
-        result = train_student(self.ctx, method, source, None, train, valid, rc.train_config(c.train, "correct.train"),
-                               out_dir, out_ckpt=out_dir / "teacher")
+        result = train_student(self.ctx, c.method, source, None, train, valid, c.train, out_dir,
+                               out_ckpt=out_dir / "teacher")
         return {"mode": c.mode, "source": str(source), **result}
 
     def prune(self) -> dict:
-
         p = self.cfg.prune
         source = Path(p.input) if p.input else self.corrected_teacher()
         train, valid = self.rows()
-        importance = rc.importance_config(p.importance, "prune.importance")
+        importance = p.importance
         out = self.run.stage_dir("prune") / "student"
         report = prune_checkpoint(source, out, dict(p.target or {}), drop=list(p.drop_layers or []) or None,
                                   num_samples=importance.num_samples, importance=importance,
@@ -127,7 +127,6 @@ class Recipe:
         return seed
 
     def _validation_loss(self, ckpt: Path, desc: str) -> dict:
-
         _, valid = self.rows()
         model, arch, _ = load_model(ckpt, self.ctx)
         metrics = validation_loss(model, self.ctx, valid, self.cfg.evaluate.micro_batch_size, desc=desc)
@@ -138,24 +137,19 @@ class Recipe:
         d = self.cfg.distill
         student, teacher = self.student_start(), self.distill_teacher()
         train, valid = self.rows()
-        train_cfg = rc.train_config(d.train, "distill.train")
         out_dir = self.run.stage_dir("distill")
         if self.cfg.correct.in_parallel:
-
-            c = rc.train_config(self.cfg.correct.train, "correct.train").optim
-            result = distill(self.ctx, student, teacher, train, valid, train_cfg, out_dir,
-                             rc.kd_loss_config(d.loss, "distill.loss"), self.cfg.evaluate.micro_batch_size,
-                             correct_teacher_lr=(c.lr, c.min_lr))
+            c = self.cfg.correct.train.optim
+            result = distill(self.ctx, student, teacher, train, valid, d.train, out_dir, d.loss,
+                             self.cfg.evaluate.micro_batch_size, correct_teacher_lr=(c.lr, c.min_lr))
         else:
-
-            result = train_student(self.ctx, rc.method_config(d), student, teacher, train, valid, train_cfg, out_dir,
+            result = train_student(self.ctx, d.method, student, teacher, train, valid, d.train, out_dir,
                                    out_ckpt=out_dir / "student", eval_micro_batch_size=self.cfg.evaluate.micro_batch_size)
-        return {"method": "kd+correction" if self.cfg.correct.in_parallel else d.method, "student_start": str(student),
+        return {"method": "kd+correction" if self.cfg.correct.in_parallel else d.method.method, "student_start": str(student),
                 "teacher": str(teacher), **result}
 
     def evaluate(self) -> dict:
         """Validation loss of every model the run produced (same rows), lm-eval tasks if asked, plots."""
-
         models = {"teacher": self.teacher}
         for label, stage, key in (("corrected teacher", "correct", "checkpoint"), ("pruned student", "prune", "checkpoint"),
                                   ("distilled student", "distill", "checkpoint"),
@@ -191,10 +185,8 @@ class Recipe:
         out_dir = self.run.stage_dir("export")
         report = {"source": str(source)}
         if self.ctx.is_main:
-
             report["hf"] = export_hf(source, out_dir / "hf", dtype=x.dtype, overwrite=True)
             if x.fp8:
-
                 calib = list(self.cfg.data.text_files) or [self._default_text_file(out_dir)]
                 report["fp8"] = export_fp8(source, out_dir / "fp8", calib, calib_samples=x.fp8_calib_samples,
                                            calib_seq_len=self.cfg.data.seq_length, overwrite=True)
@@ -204,7 +196,6 @@ class Recipe:
 
     @staticmethod
     def _default_text_file(out_dir: Path) -> Path:
-
         path = out_dir / "calibration.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(default_corpus())

@@ -102,7 +102,6 @@ def _runner(impl, chunk_tokens):
             (out.loss_sum / out.num_tokens).backward()
 
     else:
-
         def run(student, teacher):
             log_q = F.log_softmax(student.float(), dim=-1)
             log_p = F.log_softmax(teacher.float(), dim=-1)

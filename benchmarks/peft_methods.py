@@ -62,8 +62,8 @@ def run_ours(args, probe: MemoryProbe) -> dict:
     reads it after every step."""
     import nemo_neo.recipes.distill as run
     import nemo_neo.recipes.methods as methods
-    from nemo_neo.parallel import initialize
     from nemo_neo.distill.losses import KDLossConfig
+    from nemo_neo.parallel import initialize
     from nemo_neo.peft import LoRAConfig
     from nemo_neo.train.loop import TrainConfig, Trainer
 

@@ -42,10 +42,13 @@ def run_recipe(run_dir, *overrides, nproc: int = 1, fails: bool = False, timeout
 
 def user_error(proc) -> str:
     """The recipe's own one-line error. torchrun then reports the failed worker (its agent's
-    ChildFailedError); no traceback may come from our code."""
+    ChildFailedError); no traceback may come from our code: no frame of a file of the package or of
+    the app. (Matched on the package's own path, not on "nemo_neo/": a checkout named nemo_neo has
+    that in every path, its venv's python included.)"""
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, proc.stderr[-4000:]
-    assert "nemo_neo/" not in proc.stderr and f'File "{APP}"' not in proc.stderr, proc.stderr[-4000:]
+    ours = (f'File "{REPO / "nemo_neo"}/', f'File "{APP}"')
+    assert not any(frame in proc.stderr for frame in ours), proc.stderr[-4000:]
     return lines[0]
 
 
@@ -210,3 +213,19 @@ def test_run_dir_of_another_run_is_refused_unless_resumed(tiny_pair, tmp_path):
     assert (run_dir / "prune" / "metrics.json").read_bytes() == pruned  # nothing lost
     run_recipe(run_dir, *tiny(tiny_pair, "stages=[prune]", "prune.target.ffn_hidden_size=48", "resume=true"))
     run_recipe(run_dir, *tiny(tiny_pair, "stages=[prune]"), "resume=true")  # and back: finished stages stay
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00binary", "is not UTF-8 text: byte 0 (0x89)"),
+    (b"", "has 0 tokens"),
+    (b"Too short.", "fewer than one row"),
+])
+def test_bad_text_file_is_one_line_naming_it(tiny_pair, tmp_path, content, needle):
+    """A binary, an empty and a too-short text file: one `error:` line naming the file, no traceback
+    (they used to end in a UnicodeDecodeError, or inside Hydra's stack trace)."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    proc = run_recipe(tmp_path / "r", *tiny(tiny_pair, "stages=[correct]"), f"data.text_files=[{bad}]", fails=True)
+    line = user_error(proc)
+    assert needle in line and str(bad) in line, line
+    assert not (tmp_path / "r" / "correct" / "metrics.json").exists()

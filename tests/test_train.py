@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,49 @@ def test_activation_recompute_gives_identical_gradients(tiny_pair, parallel_ctx)
         grads.append({n: p.main_grad.clone() for n, p in pair.student.named_parameters()})
     assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
     assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_full_disk_during_a_save_is_one_error_and_keeps_the_last_checkpoint(tiny_pair, tmp_path, parallel_ctx,
+                                                                             monkeypatch, capsys):
+    """ENOSPC in the middle of writing step 2's checkpoint: one DiskWriteError naming the path and the
+    free space, the partial .step_0000002.tmp removed, step 1 and latest.json intact."""
+    import errno
+
+    from nemo_neo.checkpoint import native
+    from nemo_neo.distill.losses import KDLossConfig
+    from nemo_neo.distill.objective import kd_loss_fn
+    from nemo_neo.errors import DiskWriteError, exit_on_user_error
+    from nemo_neo.recipes.distill import build_pair
+    from nemo_neo.train.loop import TrainConfig, Trainer
+
+    pair, arch = build_pair(parallel_ctx, tiny_pair / "student", tiny_pair / "teacher")
+    rows = torch.randint(0, arch.vocab_size, (16, 9), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=3, global_batch_size=2, micro_batch_size=2, save_every=1, eval_every=100)
+    trainer = Trainer(parallel_ctx, pair, arch, kd_loss_fn(KDLossConfig()), rows, cfg, tmp_path / "run", "distill",
+                      checkpoint_module=pair.student)
+    real_save, calls = native.save_file, {"n": 0}
+
+    def fills_the_disk(tensors, filename, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 2: a file half written, then the disk is full
+            Path(filename).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(native, "save_file", fills_the_disk)
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+        trainer.fit()
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if "error" in line.lower()]  # beside the progress bar
+    assert "Traceback" not in stderr and len(err) == 1, stderr[-3000:]
+    assert err[0].startswith("error: could not write") and "No space left on device" in err[0], err
+    assert "step_0000002" in err[0] and "MiB free" in err[0]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest.json", "step_0000001"]  # no partial directory
+    assert json.loads((ckpts / "latest.json").read_text())["step"] == 1
+    load_full_state(ckpts / "step_0000001")  # whole and readable
+    with pytest.raises(DiskWriteError):  # the same without the entry point's handler: a UserError
+        calls["n"] = 1
+        Trainer(parallel_ctx, pair, arch, kd_loss_fn(KDLossConfig()), rows, cfg, tmp_path / "run2", "distill",
+                checkpoint_module=pair.student).fit()

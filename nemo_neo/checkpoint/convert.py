@@ -21,7 +21,6 @@ def convert_hf_to_neo(hf_path, out, tp: int = 1, pp: int = 1, overwrite: bool = 
     check_parallel_fit(arch, tp, pp)
     missing = [k for k in _required_hf_names(arch) if k not in hf_state]
     if missing:
-
         raise CheckpointError(f"{hf_path} lacks {len(missing)} tensors its config needs (e.g. {missing[:3]}).")
     neo = hf_to_neo(hf_state, arch)
     save_full_state(out, arch, neo, save_tokenizer, metadata={"source": str(hf_path), "intended_layout": {"tp": tp, "pp": pp}}, overwrite=overwrite)
@@ -29,7 +28,6 @@ def convert_hf_to_neo(hf_path, out, tp: int = 1, pp: int = 1, overwrite: bool = 
 
 
 def _required_hf_names(arch) -> list[str]:
-
     names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if arch.tie_embeddings else ["lm_head.weight"])
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."

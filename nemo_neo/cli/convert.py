@@ -36,7 +36,6 @@ def main(argv=None) -> int:
 
     import torch
 
-
     with exit_on_user_error():
         if args.command == "hf-to-neo":
             result = convert_hf_to_neo(args.hf, args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite)

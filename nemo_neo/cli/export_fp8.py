@@ -41,11 +41,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     enable_compat()
 
-
     with exit_on_user_error():
         check_output_dir(args.out, args.overwrite)  # refuse before any slow import
         if args.precision == "bf16":
-
             result = export_bf16(args.ckpt, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer)
         else:
             if not args.calib_data:

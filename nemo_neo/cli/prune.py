@@ -85,14 +85,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     enable_compat()
 
-
     with exit_on_user_error():
         target = parse_target(args.target)
         drop = parse_layers(args.drop_layers) if args.drop_layers else []
         if args.hf_config:
             arch = arch_from_hf_config(json.loads(Path(args.hf_config).read_text()))
         else:
-
             arch, _ = read_index(args.ckpt)
         if drop:
             target["num_layers"] = arch.num_layers - len(check_drop_layers(arch.num_layers, drop))

@@ -41,7 +41,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     enable_compat()
 
-
     with exit_on_user_error():
         models = {}
         for item in args.model:

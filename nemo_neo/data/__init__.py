@@ -1,7 +1,15 @@
 """Text data: real corpora, tokenization and packing to fixed-length sequences, DP batch sampling."""
 
-from nemo_neo.data.dataset import DistributedBatchSampler, collate, load_token_rows, read_documents, split_documents
-from nemo_neo.data.text import default_corpus, pack_tokens, read_text, split_train_valid
+from nemo_neo.data.dataset import (
+    DistributedBatchSampler,
+    collate,
+    load_token_rows,
+    read_documents,
+    read_text,
+    read_utf8,
+    split_documents,
+)
+from nemo_neo.data.text import default_corpus, pack_tokens, split_train_valid
 
 __all__ = [
     "DistributedBatchSampler",
@@ -11,6 +19,7 @@ __all__ = [
     "pack_tokens",
     "read_documents",
     "read_text",
+    "read_utf8",
     "split_documents",
     "split_train_valid",
 ]

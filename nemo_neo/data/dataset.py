@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from nemo_neo.data.text import default_corpus, pack_tokens
+from nemo_neo.errors import ConfigError, DataError, DataFileNotFoundError, MissingDependencyError
 
 CACHE_FORMAT = 1
 _HF_DATASET_MARKERS = ("dataset_info.json", "state.json")
@@ -52,35 +53,46 @@ def _check_source(path: Path) -> None:
         return
     if path.is_dir() and (path / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in path.iterdir() if p.is_dir())
-        raise ValueError(
+        raise DataError(
             f"{path} is a Hugging Face DatasetDict with splits {splits}; pass one split's directory "
             f"(e.g. {path / (splits[0] if splits else 'train')}) as a data source."
         )
     what = "is a directory without dataset_info.json/state.json" if path.is_dir() else "does not exist"
-    raise FileNotFoundError(
+    raise DataFileNotFoundError(
         f"data source {path} {what}. Pass existing .txt files, .jsonl files with a \"text\" field, "
         "or directories written by datasets' Dataset.save_to_disk (or no sources for the built-in "
         "default corpus)."
     )
 
 
+def read_utf8(path: Path) -> str:
+    """The text of a file, or one `DataError` naming the file and the first byte that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text: byte {e.start} (0x{data[e.start]:02x}) cannot be decoded. Pass .txt / "
+            ".jsonl files in UTF-8 (e.g. convert with `iconv -t utf-8`), not binary files."
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg}).") from None
-            if not isinstance(record, dict) or "text" not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(
-                    f'{path}:{line_no} has no "text" field (found {keys}); every JSON line must be an '
-                    'object with the document in "text".'
-                )
-            docs.append(record["text"])
+    for line_no, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no} is not valid JSON ({e.msg}).") from None
+        if not isinstance(record, dict) or "text" not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(
+                f'{path}:{line_no} has no "text" field (found {keys}); every JSON line must be an '
+                'object with the document in "text".'
+            )
+        docs.append(record["text"])
     return docs
 
 
@@ -88,14 +100,14 @@ def _read_hf_dataset(path: Path) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             f"{path} is a Hugging Face dataset directory (save_to_disk format); reading it needs the "
             "`datasets` package: pip install datasets (or export the text to .txt/.jsonl)."
         ) from None
     dataset = datasets.load_from_disk(str(path))
     columns = list(getattr(dataset, "column_names", []) or [])
     if "text" not in columns:
-        raise ValueError(f'Hugging Face dataset {path} has no "text" column (columns: {columns}).')
+        raise DataError(f'Hugging Face dataset {path} has no "text" column (columns: {columns}).')
     return list(dataset["text"])
 
 
@@ -108,14 +120,21 @@ def read_documents(source) -> list[str]:
     elif path.suffix == ".jsonl":
         docs = _read_jsonl(path)
     else:
-        docs = [path.read_text(encoding="utf-8")]
+        docs = [read_utf8(path)]
     return [d for d in docs if d]
+
+
+def read_text(sources) -> str:
+    """The documents of one or several sources (as `read_documents`), joined by blank lines."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    return "\n\n".join(doc for source in sources for doc in read_documents(source))
 
 
 def split_documents(docs: Sequence[str], valid_fraction: float) -> tuple[list[str], list[str]]:
     """Hold out the last `valid_fraction` of the characters of `docs` (see the module docstring)."""
     if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}.")
+        raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction}.")
     if valid_fraction == 0.0:
         return list(docs), []
     cut = int(sum(map(len, docs)) * (1 - valid_fraction))
@@ -161,7 +180,7 @@ def tokenize_documents(docs: Sequence[str], tokenizer) -> torch.Tensor:
 
 def _pack(stream: torch.Tensor, seq_length: int, split: str, sources_desc: str) -> torch.Tensor:
     if len(stream) < seq_length + 1:
-        raise ValueError(
+        raise DataError(
             f"the {split} split of {sources_desc} has {len(stream)} tokens, fewer than one row of "
             f"seq_length + 1 = {seq_length + 1}: pass more text, a smaller seq_length"
             + (" or a larger valid_fraction." if split == "validation" else ".")
@@ -229,9 +248,9 @@ def load_token_rows(
         definition for fast tokenizers), seq_length and valid_fraction.
     """
     if seq_length < 1:
-        raise ValueError(f"seq_length must be >= 1, got {seq_length}.")
+        raise DataError(f"seq_length must be >= 1, got {seq_length}.")
     if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}.")
+        raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction}.")
     paths = [Path(s) for s in sources]
     for path in paths:
         _check_source(path)
@@ -302,20 +321,20 @@ class DistributedBatchSampler:
         for name, value in (("global_batch_size", global_batch_size), ("micro_batch_size", micro_batch_size),
                             ("dp_size", dp_size)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}.")
+                raise DataError(f"{name} must be >= 1, got {value}.")
         if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}.")
+            raise DataError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}.")
         per_microbatch = micro_batch_size * dp_size
         if global_batch_size % per_microbatch:
             lower = global_batch_size // per_microbatch * per_microbatch
             hint = f"{lower} or {lower + per_microbatch}" if lower else f"{per_microbatch}"
-            raise ValueError(
+            raise ConfigError(
                 f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * dp_size "
                 f"= {micro_batch_size} * {dp_size} = {per_microbatch}: choose a global batch size that "
                 f"is a multiple of {per_microbatch} (e.g. {hint}) or change micro_batch_size."
             )
         if num_rows < global_batch_size:
-            raise ValueError(
+            raise DataError(
                 f"only {num_rows} rows of data, fewer than one global batch of global_batch_size="
                 f"{global_batch_size} rows: pass more text (or a smaller seq_length, which gives more "
                 "rows), or lower global_batch_size."
@@ -374,7 +393,7 @@ class DistributedBatchSampler:
             if k in state and state[k] != getattr(self, k)
         ]
         if mismatched:
-            raise ValueError(
+            raise DataError(
                 "cannot resume the data order: the sampler was saved with different settings ("
                 + "; ".join(mismatched)
                 + "). Resume with the same data, seq_length, global_batch_size and seed."

@@ -7,32 +7,15 @@ machine with no network. Tests and CI use WikiText-2 / tiny Shakespeare from ../
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
+
+from nemo_neo.errors import DataError
 
 
 def default_corpus() -> str:
     import pydoc_data.topics
 
     return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-
-
-def read_text(paths) -> str:
-    """Concatenate text files (.txt) or JSON-lines files with a "text" field."""
-    import json
-
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    parts = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"text file {path} does not exist")
-        if path.suffix == ".jsonl":
-            parts += [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-        else:
-            parts.append(path.read_text())
-    return "\n\n".join(parts)
 
 
 def pack_tokens(token_ids, seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
@@ -43,7 +26,7 @@ def pack_tokens(token_ids, seq_len: int, max_sequences: int | None = None) -> to
     if max_sequences is not None:
         n = min(n, max_sequences)
     if n <= 0:
-        raise ValueError(f"text has {len(token_ids)} tokens, fewer than one sequence of {seq_len + 1}")
+        raise DataError(f"text has {len(token_ids)} tokens, fewer than one sequence of {seq_len + 1}")
     ids = torch.as_tensor(token_ids[: n * seq_len + 1], dtype=torch.long)
     return ids.unfold(0, seq_len + 1, seq_len).contiguous()
 

@@ -65,7 +65,6 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def check_checkpoint_tokenizer_only(tokenizer) -> None:
-
     if not tokenizer or not has_tokenizer(tokenizer):
         raise EvalSetupError(f"an in-memory model needs tokenizer=<dir with tokenizer files>; got {tokenizer!r}.")
     return None
@@ -113,10 +112,8 @@ class NeoLM(TemplateLM):
         else:  # an in-memory model (e.g. the recipe's evaluate stage): needs its tokenizer and ctx
             ckpt, tok_dir = check_checkpoint_tokenizer_only(tokenizer), Path(tokenizer)
         if ctx is None:
-
             ctx = initialize(ParallelConfig(tensor_parallel=int(tensor_parallel), pipeline_parallel=int(pipeline_parallel)))
         if model is None:
-
             model, arch, _ = load_model(ckpt, ctx, _dtype(dtype))
         self.ctx = ctx
         self._device = ctx.device

@@ -26,27 +26,16 @@ import torch
 from tqdm.auto import tqdm
 
 from nemo_neo.checkpoint import atomic
+from nemo_neo.data.dataset import read_text
 from nemo_neo.export.hf import ExportError, as_hf_dir, copy_tokenizer, export_hf, is_hf_dir, tokenizer_source
 from nemo_neo.optional import require
 
 
 def read_calibration_text(paths) -> str:
-    """Text from .txt files, or the "text" field of .jsonl files."""
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    parts = []
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise ExportError(f"calibration data {p} does not exist; pass --calib-data <text or jsonl file>.")
-        if p.suffix == ".jsonl":
-            for line in p.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    if "text" not in row:
-                        raise ExportError(f"{p}: jsonl calibration rows need a \"text\" field.")
-                    parts.append(row["text"])
-        else:
-            parts.append(p.read_text(encoding="utf-8"))
-    text = "\n".join(parts)
+    """Text from .txt files, or the "text" field of .jsonl files (the data layer's one reader)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    text = read_text(paths)
     if not text.strip():
         raise ExportError(f"calibration data {', '.join(map(str, paths))} holds no text.")
     return text

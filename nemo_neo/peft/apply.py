@@ -131,7 +131,6 @@ def save_adapters(path, model, arch, ctx, config: LoRAConfig) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-
     merged = merge_stage_dicts(adapter_state(model, arch, ctx), ctx)
     if ctx.is_main:
         path = Path(path)
@@ -148,7 +147,6 @@ def save_adapters(path, model, arch, ctx, config: LoRAConfig) -> None:
 def load_adapters(path, model, ctx) -> None:
     """Load adapters saved by `save_adapters` into a LoRA-wrapped model at any TP/PP."""
     from safetensors import safe_open
-
 
     offset = sharding.layer_offset(model.config.num_layers, ctx.pp_rank, ctx.pp_size)
     with safe_open(str(path), framework="pt") as f:

@@ -47,7 +47,6 @@ def drop_layers_checkpoint(ckpt, out, layers, overwrite: bool = False):
     """Checkpoint -> checkpoint with `layers` removed (tokenizer carried over)."""
     from pathlib import Path
 
-
     arch, state, index = load_full_state(ckpt)
     pruned, state = drop_layers(arch, state, layers)
     meta = {"pruned_from": str(ckpt), "dropped_layers": sorted(set(int(i) for i in layers))}

@@ -66,7 +66,6 @@ def search_depth(model, ctx, num_drop: int, metric: Callable, higher_is_better: 
 
 
 def loss_metric(ctx, rows: torch.Tensor, micro_batch_size: int = 4) -> Callable:
-
     return lambda model: validation_loss(model, ctx, rows, micro_batch_size, desc="candidate")["loss"]
 
 

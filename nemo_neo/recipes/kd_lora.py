@@ -169,7 +169,6 @@ def default_student_drop(num_layers: int) -> list[int]:
 
 
 def make_student_checkpoint(teacher_ckpt, out, drop_layers=None, overwrite: bool = True) -> Path:
-
     arch, _ = read_index(teacher_ckpt)
     drop = default_student_drop(arch.num_layers) if drop_layers is None else list(drop_layers)
     drop_layers_checkpoint(teacher_ckpt, out, drop, overwrite=overwrite)

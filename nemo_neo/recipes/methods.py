@@ -106,7 +106,6 @@ def validation_metrics(ctx, student, student_arch, student_ckpt, valid_rows, mic
     if len(valid_rows) == 0:
         return {}
     if teacher_ckpt is None:
-
         was_training = student.training
         metrics = validation_loss(student, ctx, valid_rows, micro_batch_size, desc="validation")
         student.train(was_training)

@@ -21,7 +21,6 @@ WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_quer
 def _calibration_rows(ckpt, calib_data, seq_length: int, num_samples: int):
     from transformers import AutoTokenizer
 
-
     if not has_tokenizer(ckpt):
         raise CheckpointError(f"{ckpt} has no tokenizer files, so calibration text cannot be tokenized; convert the "
                               "model with its tokenizer, or pass importance scores with --scores")
@@ -73,7 +72,6 @@ def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, cal
     if "num_layers" in target and target["num_layers"] < arch.num_layers and not drop:
         import tempfile
 
-
         with tempfile.TemporaryDirectory() as tmp:  # search on the (possibly width-pruned) model
             save_full_state(Path(tmp) / "m", arch, state)
             model, _, _ = load_model(Path(tmp) / "m", ctx)
@@ -93,7 +91,6 @@ def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, cal
         out = save_full_state(out, arch, state, lambda dst: copy_tokenizer_files(Path(ckpt), dst),
                               metadata={"pruning": report}, overwrite=overwrite)
         if depth_result is not None:
-
             write_report(depth_result, Path(out) / "pruning")
     if ctx is not None and ctx.world_size > 1:
         import torch.distributed as dist

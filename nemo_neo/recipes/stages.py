@@ -48,7 +48,6 @@ class Recipe:
         if self._rows is None:
             from transformers import AutoTokenizer
 
-
             d = self.cfg.data
             tokenizer = AutoTokenizer.from_pretrained(str(self.teacher))
 

@@ -209,7 +209,6 @@ def run_study(models: dict[str, str], pairs, batch_sizes, num_requests: int, out
     throughput.png and the request datasets (requests_isl{I}_osl{O}.jsonl) into out_dir."""
     from transformers import AutoTokenizer
 
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     backend = ("trtllm" if trtllm_available() else "torch") if backend == "auto" else backend

@@ -90,7 +90,6 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _microbatches(self, indices_per_micro):
-
         return [{k: v.to(self.ctx.device) for k, v in collate(self.train_rows[idx]).items()} for idx in indices_per_micro]
 
     def _log(self, step: int, metrics: dict) -> None:
@@ -123,51 +122,50 @@ class Trainer:
             start = ckpt_state.load_training_checkpoint(latest, self.arch, self.saved_module, ctx,
                                                         self.optimizer, self.scheduler, self.sampler)
             if self.companion is not None:
-
                 _, module, arch = self.companion
                 load_into_model(self.companion_checkpoint(start), module, arch, ctx)
         if self.writer is not None and start == 0:
             (self.run_dir / f"{self.name}_log.jsonl").unlink(missing_ok=True)
         batches = iter(self.sampler)
-        bar = tqdm(total=cfg.steps, initial=start, desc=self.name, unit="step", disable=not ctx.is_main, dynamic_ncols=True)
-        tokens_per_step = cfg.global_batch_size * (self.train_rows.shape[1] - 1)
-        metrics: dict = {}
-        for step in range(start + 1, cfg.steps + 1):
-            t0 = time.perf_counter()
-            self.ddp.train()
-            self.ddp.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            reports = run_microbatches(self.ddp, self._microbatches(next(batches)), self.loss_fn,
-                                       adjust_tensor_shapes_fn=self.adjust)
-            # loss_sum / tokens is the loss; the "<name>_sum"s a loss_fn declares in `extra_sums` are logged
-            # per token too (declared, not read from reports: stages without the loss must reduce as many)
-            extra = list(getattr(self.loss_fn, "extra_sums", ()))
-            sums = torch.zeros(2 + len(extra), dtype=torch.float64)
-            for r in reports:
-                sums += torch.stack([r[k].double().cpu() for k in ("loss_sum", "tokens", *extra)])
-            loss_sum, tokens, *extra_sums = sum_from_last_stage(sums, ctx).tolist()
-            loss = loss_sum / max(tokens, 1.0)
-            if not math.isfinite(loss):
-                kept = ckpt_state.latest_checkpoint(self.ckpt_root)
-                bar.close()
-                raise NonFiniteLossError(
-                    f"{self.name}: loss is {loss} at step {step}; stopped before the optimizer step. "
-                    f"Last good checkpoint kept: {kept or 'none saved yet'}. Lower the LR or check the data."
-                )
-            _, grad_norm, _ = self.optimizer.step()
-            self.scheduler.step(1)
-            elapsed = time.perf_counter() - t0
-            metrics = {"loss": loss, "lr": current_lr(self.optimizer), "grad_norm": float(grad_norm or 0.0),
-                       "tokens_per_s": tokens_per_step / elapsed, "peak_memory_gb": peak_memory_bytes() / 2**30,
-                       **{k[: -len("_sum")]: v / max(tokens, 1.0) for k, v in zip(extra, extra_sums)}}
-            if self.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics.update({f"val_{k}": v for k, v in self.evaluate(self.model).items()})
-            self._log(step, metrics)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", lr=f"{metrics['lr']:.2e}")
-            bar.update(1)
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                self._save(step, metrics)
-        bar.close()
+        # closed on any exit, so that an error line starts on a line of its own
+        with tqdm(total=cfg.steps, initial=start, desc=self.name, unit="step", disable=not ctx.is_main,
+                  dynamic_ncols=True) as bar:
+            tokens_per_step = cfg.global_batch_size * (self.train_rows.shape[1] - 1)
+            metrics: dict = {}
+            for step in range(start + 1, cfg.steps + 1):
+                t0 = time.perf_counter()
+                self.ddp.train()
+                self.ddp.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                reports = run_microbatches(self.ddp, self._microbatches(next(batches)), self.loss_fn,
+                                           adjust_tensor_shapes_fn=self.adjust)
+                # loss_sum / tokens is the loss; the "<name>_sum"s a loss_fn declares in `extra_sums` are logged
+                # per token too (declared, not read from reports: stages without the loss must reduce as many)
+                extra = list(getattr(self.loss_fn, "extra_sums", ()))
+                sums = torch.zeros(2 + len(extra), dtype=torch.float64)
+                for r in reports:
+                    sums += torch.stack([r[k].double().cpu() for k in ("loss_sum", "tokens", *extra)])
+                loss_sum, tokens, *extra_sums = sum_from_last_stage(sums, ctx).tolist()
+                loss = loss_sum / max(tokens, 1.0)
+                if not math.isfinite(loss):
+                    kept = ckpt_state.latest_checkpoint(self.ckpt_root)
+                    raise NonFiniteLossError(
+                        f"{self.name}: loss is {loss} at step {step}; stopped before the optimizer step. "
+                        f"Last good checkpoint kept: {kept or 'none saved yet'}. Lower the LR or check the data."
+                    )
+                _, grad_norm, _ = self.optimizer.step()
+                self.scheduler.step(1)
+                elapsed = time.perf_counter() - t0
+                metrics = {"loss": loss, "lr": current_lr(self.optimizer), "grad_norm": float(grad_norm or 0.0),
+                           "tokens_per_s": tokens_per_step / elapsed, "peak_memory_gb": peak_memory_bytes() / 2**30,
+                           **{k[: -len("_sum")]: v / max(tokens, 1.0) for k, v in zip(extra, extra_sums)}}
+                if self.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    metrics.update({f"val_{k}": v for k, v in self.evaluate(self.model).items()})
+                self._log(step, metrics)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", lr=f"{metrics['lr']:.2e}")
+                bar.update(1)
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    self._save(step, metrics)
         if self.writer is not None:
             self.writer.flush()
         return {"final": metrics, "history": self.history, "resumed_from": start}

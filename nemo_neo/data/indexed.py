@@ -224,6 +224,21 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _build_alone(spec: dict, path_to_cache: Path) -> None:
+    """Build in a process that is alone: megatron-core's BlendedDataset asks torch.distributed for the
+    rank even then, so a one-process gloo group lives for the duration of the build if none is up."""
+    if torch.distributed.is_initialized():
+        _megatron_build(spec, str(path_to_cache))
+        return
+    store = path_to_cache / ".process_group"
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        _megatron_build(spec, str(path_to_cache))
+    finally:
+        torch.distributed.destroy_process_group()
+        store.unlink(missing_ok=True)
+
+
 def _build_cache(spec: dict, final: Path, in_process: bool) -> None:
     """Build the indices into a private directory, then rename it to `final` (atomic; on a shared
     filesystem another node may win the rename with identical files, which is fine)."""
@@ -232,7 +247,7 @@ def _build_cache(spec: dict, final: Path, in_process: bool) -> None:
     tmp.mkdir(parents=True)
     try:
         if in_process:
-            _megatron_build(spec, str(tmp))
+            _build_alone(spec, tmp)
         else:  # megatron-core builds only on global rank 0 when torch.distributed is up: build outside it
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                                 os.environ.get("PYTHONPATH", "")])}
@@ -328,4 +343,4 @@ class TokenSamples:
 
 
 if __name__ == "__main__":  # the index build of `_build_cache`, in a process without torch.distributed
-    _megatron_build(json.loads(sys.stdin.read()), sys.argv[1])
+    _build_alone(json.loads(sys.stdin.read()), Path(sys.argv[1]))

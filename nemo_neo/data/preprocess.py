@@ -102,7 +102,7 @@ def iter_documents(path: Path, json_key: str = "text") -> Iterator[tuple[str, in
             if text:
                 yield text, len(text.encode("utf-8"))
     elif path.suffix == ".jsonl":
-        with path.open("rb") as f:
+        with path.open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -115,7 +115,7 @@ def iter_documents(path: Path, json_key: str = "text") -> Iterator[tuple[str, in
                     raise DataError(f'{path}:{line_no} has no "{json_key}" field (found {found}); pass '
                                     "--json-key <field> or fix the file.")
                 if record[json_key]:
-                    yield record[json_key], len(line)
+                    yield record[json_key], len(line)  # characters: close enough to bytes for the ETA
     else:
         text = path.read_text(encoding="utf-8")
         if text:
@@ -129,9 +129,10 @@ _worker_eod: int | None = None
 _worker_dtype = None
 
 
-def _init_worker(tokenizer, eod, dtype) -> None:
+def _init_worker(tokenizer, eod, dtype, forked: bool = True) -> None:
     global _worker_tokenizer, _worker_eod, _worker_dtype
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process: the pool is the parallelism
+    if forked:  # one thread per worker process: the pool is the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer, _worker_eod, _worker_dtype = tokenizer, eod, dtype
 
 
@@ -247,7 +248,7 @@ def _write_prefix(output_prefix, tokenizer, tasks, sources: list[dict], json_key
             pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer, eod, np_dtype))
             results = pool.imap(_encode, tasks, chunksize=1)
         else:
-            _init_worker(tokenizer, eod, np_dtype)
+            _init_worker(tokenizer, eod, np_dtype, forked=False)
             results = map(_encode, tasks)
         docs = tokens = 0
         for source, encoded, nbytes in results:

@@ -307,6 +307,10 @@ class DistributedBatchSampler:
     continues with exactly the batches the original would have produced next. The DP layout
     (dp_rank, dp_size, micro_batch_size) may change across a resume; the rows of each global
     batch do not.
+
+    shuffle=False is for rows that are already shuffled (megatron-core's GPTDataset / BlendedDataset
+    via `nemo_neo.data.indexed`): global batch k of an epoch is then rows `[k * G, (k + 1) * G)`, so
+    the rows a step gets follow from the consumed-sample count alone.
     """
 
     def __init__(
@@ -317,6 +321,7 @@ class DistributedBatchSampler:
         dp_rank: int = 0,
         dp_size: int = 1,
         seed: int = 0,
+        shuffle: bool = True,
     ):
         for name, value in (("global_batch_size", global_batch_size), ("micro_batch_size", micro_batch_size),
                             ("dp_size", dp_size)):
@@ -345,6 +350,7 @@ class DistributedBatchSampler:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
+        self.shuffle = shuffle
         self.num_microbatches = global_batch_size // per_microbatch
         self.steps_per_epoch = num_rows // global_batch_size
         self.consumed_steps = 0
@@ -365,6 +371,8 @@ class DistributedBatchSampler:
         """All row indices of global batch `step` (0-based, counted across epochs), `[G]`."""
         epoch, k = divmod(step, self.steps_per_epoch)
         g = self.global_batch_size
+        if not self.shuffle:  # no per-epoch permutation: it would cost 8 bytes per row of a huge dataset
+            return torch.arange(k * g, (k + 1) * g)
         return self._epoch_order(epoch)[k * g : (k + 1) * g]
 
     def step_micro_batches(self, step: int) -> list[torch.Tensor]:
@@ -384,12 +392,13 @@ class DistributedBatchSampler:
             "num_rows": self.num_rows,
             "global_batch_size": self.global_batch_size,
             "seed": self.seed,
+            "shuffle": self.shuffle,
         }
 
     def load_state_dict(self, state: dict) -> None:
         mismatched = [
             f"{k}: saved {state[k]}, now {getattr(self, k)}"
-            for k in ("num_rows", "global_batch_size", "seed")
+            for k in ("num_rows", "global_batch_size", "seed", "shuffle")
             if k in state and state[k] != getattr(self, k)
         ]
         if mismatched:

@@ -80,8 +80,11 @@ class Trainer:
         self.ddp = wrap_ddp(model)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, cfg.optim, cfg.steps, lr_overrides)
         self.companion = companion
+        # train_rows: an int64 [n, seq + 1] tensor, or any object with len, .shape and row-gather
+        # (nemo_neo.data.indexed.TokenSamples), which says when it is already shuffled
         self.sampler = DistributedBatchSampler(len(train_rows), cfg.global_batch_size, cfg.micro_batch_size,
-                                               ctx.dp_rank, ctx.dp_size, cfg.seed)
+                                               ctx.dp_rank, ctx.dp_size, cfg.seed,
+                                               shuffle=not getattr(train_rows, "pre_shuffled", False))
         self.history: list[dict] = []
         self.writer = None
         if ctx.is_main:

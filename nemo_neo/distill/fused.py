@@ -43,6 +43,7 @@ from nemo_neo.distill.losses import (
     KDLossOutput,
     _chunk_loss_and_grad,
     _chunk_size,
+    _first_backward,
     _token_weight,
     _validate_tokens,
     _Workspace,
@@ -126,12 +127,7 @@ class _FusedDistillationLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.backward_done:
-            raise RuntimeError(
-                "the fused distillation loss scales its saved gradients in place and can be "
-                "back-propagated only once; recompute the loss instead of using retain_graph."
-            )
-        ctx.backward_done = True
+        _first_backward(ctx, "fused")
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype)).view(ctx.hidden_shape)

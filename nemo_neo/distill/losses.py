@@ -315,15 +315,20 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.backward_done:
-            raise RuntimeError(
-                "the chunked distillation loss scales its saved gradient in place and can be "
-                "back-propagated only once; recompute the loss instead of using retain_graph."
-            )
-        ctx.backward_done = True
+        _first_backward(ctx, "chunked")
         (grad_buffer,) = ctx.saved_tensors
         grad = grad_buffer.mul_(grad_output).view(ctx.student_shape)
         return grad, None, None, None, None, None
+
+
+def _first_backward(ctx, name: str) -> None:
+    """A loss whose backward scales its saved gradients in place refuses a second backward."""
+    if ctx.backward_done:
+        raise RuntimeError(
+            f"the {name} distillation loss scales its saved gradients in place and can be "
+            "back-propagated only once; recompute the loss instead of using retain_graph."
+        )
+    ctx.backward_done = True
 
 
 def _validate_inputs(student_logits, teacher_logits, labels, loss_mask, config, tp_group):

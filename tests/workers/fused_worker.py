@@ -26,6 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from nemo_neo.distill.fused import HeadInputs, fused_distillation_loss  # noqa: E402
 from nemo_neo.distill.losses import KDLossConfig  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kd_worker import random_batches  # noqa: E402
+
 PAIR_KINDS = {
     "forward_kl": dict(kind="forward_kl"),
     "ce_kl": dict(kind="ce_kl", temperature=2.0, alpha=0.3, t2_scaling=True),
@@ -76,12 +79,7 @@ def pair_cases(args) -> dict:
         pair, arch = build_pair(ctx, ckpt, args.teacher)
         pair.config.calculate_per_token_loss = True
         ddp = wrap_ddp(pair)
-        g = torch.Generator().manual_seed(0)
-        batches = []
-        for _ in range(2):
-            tokens = torch.randint(0, arch.vocab_size, (2, 11), generator=g)
-            mask = (torch.rand(2, 10, generator=g) > 0.2).float()
-            batches.append({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask})
+        batches = random_batches(arch.vocab_size, 2)
         for kind, kwargs in PAIR_KINDS.items():
             for fused in (False, True):
                 ddp.zero_grad_buffer()

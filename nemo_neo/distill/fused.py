@@ -49,9 +49,9 @@ from nemo_neo.distill.losses import (
     _Workspace,
 )
 
-# chunk_tokens="auto": elements of one [chunk x V_local] buffer. 4x the unfused loss's on CPU: a
+# chunk_tokens="auto": elements of one [chunk x V_local] buffer, 8x the unfused loss's on CPU: a
 # chunk's matmuls must be large enough to run near peak (see BENCHMARKS.md for the sweep).
-FUSED_AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
+FUSED_AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 24}
 
 
 class HeadInputs(NamedTuple):

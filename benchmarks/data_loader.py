@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 
 def _rss(field: str) -> int:
@@ -144,7 +146,7 @@ def main() -> None:
             report["loader"][f"large_minus_small_{key}"] = round(report["loader"]["large"][key]
                                                                  - report["loader"]["small"][key], 1)
 
-        from nemo_neo.models.default_teacher import default_teacher_checkpoint
+        from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
 
         tokenizer_dir = args.tokenizer or str(default_teacher_checkpoint())
         paragraphs = [x for x in (REPO.parent / "shared" / "data" / "tinyshakespeare.txt").read_text().split("\n\n")

@@ -86,6 +86,9 @@ class KDLossConfig:
     ignore_index: label value that removes a token in ``ce_kl``.
     divergence: the divergence beside CE in ``ce_kl`` (forward_kl, reverse_kl or jsd); the other
         kinds are their own divergence.
+    fused: compute the loss from the final hidden states and output-layer weights of both models
+        (`nemo_neo.distill.fused`), never storing either model's [tokens, V_local] logits; the
+        DistillationPair then returns hidden states on the last stage. Same loss and gradients.
     """
 
     kind: str = "forward_kl"
@@ -97,6 +100,7 @@ class KDLossConfig:
     chunk_tokens: int | str | None = "auto"
     ignore_index: int = -100
     divergence: str = "forward_kl"
+    fused: bool = False
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
@@ -269,11 +273,12 @@ def _chunk_loss_and_grad(student, teacher, labels, weight, config: KDLossConfig,
     return (per_token * weight).sum(), grad
 
 
-def _chunk_size(chunk_tokens, num_tokens: int, vocab_local: int, device: torch.device) -> int:
+def _chunk_size(chunk_tokens, num_tokens: int, vocab_local: int, device: torch.device,
+                auto_elements: dict = AUTO_CHUNK_ELEMENTS) -> int:
     if chunk_tokens is None:
         chunk = num_tokens
     elif chunk_tokens == "auto":
-        chunk = AUTO_CHUNK_ELEMENTS.get(device.type, AUTO_CHUNK_ELEMENTS["cuda"]) // vocab_local
+        chunk = auto_elements.get(device.type, auto_elements["cuda"]) // vocab_local
     else:
         chunk = chunk_tokens
     return max(1, min(chunk, num_tokens))
@@ -323,15 +328,20 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.backward_done:
-            raise RuntimeError(
-                "the chunked distillation loss scales its saved gradient in place and can be "
-                "back-propagated only once; recompute the loss instead of using retain_graph."
-            )
-        ctx.backward_done = True
+        _first_backward(ctx, "chunked")
         (grad_buffer,) = ctx.saved_tensors
         grad = grad_buffer.mul_(grad_output).view(ctx.student_shape)
         return grad, None, None, None, None, None
+
+
+def _first_backward(ctx, name: str) -> None:
+    """A loss whose backward scales its saved gradients in place refuses a second backward."""
+    if ctx.backward_done:
+        raise RuntimeError(
+            f"the {name} distillation loss scales its saved gradients in place and can be "
+            "back-propagated only once; recompute the loss instead of using retain_graph."
+        )
+    ctx.backward_done = True
 
 
 def _validate_inputs(student_logits, teacher_logits, labels, loss_mask, config, tp_group):
@@ -350,14 +360,29 @@ def _validate_inputs(student_logits, teacher_logits, labels, loss_mask, config, 
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} must have the same [batch, seq, vocab] shape."
         )
-    token_shape = student_logits.shape[:-1]
+    _validate_tokens(student_logits.shape[:-1], student_logits.shape[-1] * tp, labels, loss_mask, config)
+
+
+def _validate_tokens(token_shape, vocab: int, labels, loss_mask, config: KDLossConfig) -> None:
+    """Checks shared with the fused loss: labels / mask shapes, ce_kl's labels, top_k <= vocab."""
     for name, tensor in (("labels", labels), ("loss_mask", loss_mask)):
         if tensor is not None and tensor.shape != token_shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(token_shape)}.")
     if config.kind == "ce_kl" and labels is None:
         raise ValueError("kind='ce_kl' needs labels (already shifted: logits[t] predicts labels[t]).")
-    if config.top_k is not None and config.top_k > student_logits.shape[-1] * tp:
-        raise ValueError(f"top_k={config.top_k} exceeds the vocab size {student_logits.shape[-1] * tp}.")
+    if config.top_k is not None and config.top_k > vocab:
+        raise ValueError(f"top_k={config.top_k} exceeds the vocab size {vocab}.")
+
+
+def _token_weight(token_shape, labels, loss_mask, config: KDLossConfig, dtype, device) -> torch.Tensor:
+    """Per-token weight in the compute dtype: loss_mask (1 when None) x (label != ignore_index) for ce_kl."""
+    if loss_mask is None:
+        token_weight = torch.ones(token_shape, dtype=dtype, device=device)
+    else:
+        token_weight = loss_mask.to(dtype)
+    if config.kind == "ce_kl":
+        token_weight = token_weight * (labels != config.ignore_index).to(dtype)
+    return token_weight
 
 
 def distillation_loss(
@@ -385,12 +410,8 @@ def distillation_loss(
     """
     _validate_inputs(student_logits, teacher_logits, labels, loss_mask, config, tp_group)
     compute_dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
-    if loss_mask is None:
-        token_weight = torch.ones(student_logits.shape[:-1], dtype=compute_dtype, device=student_logits.device)
-    else:
-        token_weight = loss_mask.to(compute_dtype)
-    if config.kind == "ce_kl":
-        token_weight = token_weight * (labels != config.ignore_index).to(compute_dtype)
+    token_weight = _token_weight(student_logits.shape[:-1], labels, loss_mask, config, compute_dtype,
+                                 student_logits.device)
     loss_sum = _ChunkedDistillationLoss.apply(
         student_logits, teacher_logits, labels, token_weight, config, tp_group
     )

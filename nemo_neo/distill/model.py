@@ -12,6 +12,10 @@ runs under no_grad. Checkpoints are written from `pair.student` alone.
 With `train_teacher=True` (teacher correction "in parallel" with distillation) the teacher keeps
 learning from its own LM loss: it runs with gradients and its hidden states travel between stages
 undetached; the KD term still sees detached teacher logits (see `objective.kd_with_correction_loss_fn`).
+
+With `fused=True` (`KDLossConfig.fused`) the last stage returns `fused.HeadInputs` (final hidden
+states and output-layer weight) of both models instead of their logits, and the loss forms the
+logits chunk by chunk (`nemo_neo.distill.fused`); the objective dispatches on what it receives.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from nemo_neo.distill.fused import HeadInputs, head_weight, hidden_states_head
 from nemo_neo.errors import ConfigError
 from nemo_neo.models.arch import GPTArch
 
@@ -57,10 +62,12 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class DistillationPair(torch.nn.Module):
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, train_teacher: bool = False):
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, train_teacher: bool = False,
+                 fused: bool = False):
         super().__init__()
         self.student = student
         self.train_teacher = train_teacher
+        self.fused = fused  # a plain attribute: may be set after construction (e.g. from KDLossConfig.fused)
         self.teacher = teacher if train_teacher else freeze(teacher)
         self.config = student.config  # megatron's schedule reads the model's config
         self.student_hidden = student.config.hidden_size
@@ -105,12 +112,20 @@ class DistillationPair(torch.nn.Module):
         self.teacher.set_input_tensor([teacher_part.to(self.teacher.config.params_dtype)])
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None):
-        student_out = self.student(input_ids, position_ids=None, attention_mask=None)
+        student_out = self._stage(self.student, input_ids)
         with torch.set_grad_enabled(self.train_teacher and torch.is_grad_enabled()):
-            teacher_out = self.teacher(input_ids, position_ids=None, attention_mask=None)
+            teacher_out = self._stage(self.teacher, input_ids)
         if self.post_process:
-            return student_out, teacher_out  # both [b, s, V/TP]: the loss runs on this stage
+            return student_out, teacher_out  # both [b, s, V/TP] (or HeadInputs): the loss runs on this stage
         return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
+
+    def _stage(self, model, input_ids):
+        if not (self.fused and self.post_process):
+            return model(input_ids, position_ids=None, attention_mask=None)
+
+        with hidden_states_head(model):
+            hidden = model(input_ids, position_ids=None, attention_mask=None)
+        return HeadInputs(hidden, head_weight(model))
 
     def pair_tensor_shapes(self, recv_shapes, send_shapes):
         """`adjust_tensor_shapes_fn` for the schedule: p2p tensors carry both hidden states."""

@@ -7,6 +7,7 @@ import math
 import torch
 
 from nemo_neo.data.dataset import collate
+from nemo_neo.distill.fused import HeadInputs, fused_distillation_loss
 from nemo_neo.distill.losses import KDLossConfig, distillation_loss
 from nemo_neo.parallel.reduce import sum_from_last_stage
 from nemo_neo.train.schedule import run_microbatches
@@ -20,13 +21,30 @@ def _schedule_outputs(out):
     return out.loss_sum, tokens, {"loss_sum": out.loss_sum.detach().clone(), "tokens": tokens.clone()}
 
 
+def _detached(out):
+    return HeadInputs(out.hidden.detach(), out.weight.detach()) if isinstance(out, HeadInputs) else out.detach()
+
+
+def pair_loss(student_out, teacher_out, config: KDLossConfig, batch, tp_group=None):
+    """The loss of one last-stage output of a DistillationPair: logits (unfused) or HeadInputs
+    (fused, `DistillationPair(fused=True)`). `teacher_out` None: CE only (ce_kl, alpha=1)."""
+    labels, mask = batch.get("labels"), batch.get("loss_mask")
+    if isinstance(student_out, HeadInputs):
+        return fused_distillation_loss(student_out, teacher_out, config, labels=labels, loss_mask=mask,
+                                       tp_group=tp_group)
+    if config.fused:
+        raise ValueError("distill loss fused=true but the model returned logits: build the DistillationPair "
+                         "with fused=True (pair.fused = loss_config.fused) so the last stage returns hidden states.")
+    teacher_logits = teacher_out if teacher_out is not None else student_out.detach()
+    return distillation_loss(student_out, teacher_logits, config, labels=labels, loss_mask=mask, tp_group=tp_group)
+
+
 def kd_loss_fn(config: KDLossConfig, tp_group=None):
-    """loss_fn for `Trainer`: (student_logits, teacher_logits) on the last stage -> (sum, count, report)."""
+    """loss_fn for `Trainer`: (student, teacher) logits or HeadInputs on the last stage -> (sum, count, report)."""
 
     def loss_fn(outputs, batch):
-        student_logits, teacher_logits = outputs
-        return _schedule_outputs(distillation_loss(student_logits, teacher_logits, config, labels=batch["labels"],
-                                                   loss_mask=batch.get("loss_mask"), tp_group=tp_group))
+        student_out, teacher_out = outputs
+        return _schedule_outputs(pair_loss(student_out, teacher_out, config, batch, tp_group))
 
     return loss_fn
 
@@ -48,13 +66,13 @@ def kd_with_correction_loss_fn(config: KDLossConfig, tp_group=None, chunk_tokens
     sum trains each model on its own objective in one backward pass."""
     teacher_ce = KDLossConfig(kind="ce_kl", alpha=1.0, chunk_tokens=chunk_tokens)
 
+    if config.fused:
+        teacher_ce.fused = True
+
     def loss_fn(outputs, batch):
-        student_logits, teacher_logits = outputs
-        mask = batch.get("loss_mask")
-        kd = distillation_loss(student_logits, teacher_logits.detach(), config, labels=batch["labels"],
-                               loss_mask=mask, tp_group=tp_group)
-        ce = distillation_loss(teacher_logits, teacher_logits.detach(), teacher_ce, labels=batch["labels"],
-                               loss_mask=mask, tp_group=tp_group)
+        student_out, teacher_out = outputs
+        kd = pair_loss(student_out, _detached(teacher_out), config, batch, tp_group)
+        ce = pair_loss(teacher_out, None, teacher_ce, batch, tp_group)
         loss_sum, tokens, report = _schedule_outputs(kd)
         report["teacher_loss_sum"] = ce.loss_sum.detach().clone()
         return loss_sum + ce.loss_sum, tokens, report
@@ -75,9 +93,9 @@ def distillation_metrics(pair, ctx, rows: torch.Tensor, micro_batch_size: int, t
                for i in range(0, len(mine), micro_batch_size)]
 
     def metrics_fn(outputs, batch):
-        student, teacher = outputs
-        kl = distillation_loss(student, teacher, kl_config, loss_mask=batch.get("loss_mask"), tp_group=tp_group)
-        ce = distillation_loss(student, teacher, CE_ONLY, labels=batch["labels"], loss_mask=batch.get("loss_mask"), tp_group=tp_group)
+        student, teacher = outputs  # logits, or HeadInputs when pair.fused
+        kl = pair_loss(student, teacher, kl_config, {"loss_mask": batch.get("loss_mask")}, tp_group)
+        ce = pair_loss(student, teacher, CE_ONLY, batch, tp_group)
         report = torch.stack([kl.loss_sum.double(), ce.loss_sum.double(), ce.num_tokens.double()])
         return kl.loss_sum, {"sums": report}
 

@@ -42,6 +42,7 @@ def distill(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: 
     loss_cfg = loss_cfg or KDLossConfig(kind="forward_kl")
     in_parallel = correct_teacher_lr is not None
     pair, student_arch = build_pair(ctx, student_ckpt, teacher_ckpt, train_teacher=in_parallel, **pair_options)
+    pair.fused = loss_cfg.fused  # the last stage hands the loss hidden states instead of logits
     if prepare_student is not None:
         prepare_student(pair.student)
     tp_group = ctx.tp_group if ctx.tp_size > 1 else None

@@ -8,16 +8,17 @@ checksum) and the main rank writes <run_dir>/result.json.
 import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 from nemo_neo.data.from_text import indexed_from_text  # noqa: E402
 from nemo_neo.data.indexed import TokenSamples  # noqa: E402
 from nemo_neo.distill.losses import KDLossConfig  # noqa: E402
-from nemo_neo.distill.run import distill  # noqa: E402
 from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
+from nemo_neo.recipes.distill import distill  # noqa: E402
 from nemo_neo.train.loop import TrainConfig  # noqa: E402
 from nemo_neo.train.optim import OptimConfig  # noqa: E402
 

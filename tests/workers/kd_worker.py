@@ -22,6 +22,17 @@ from nemo_neo.recipes.distill import build_pair  # noqa: E402
 from nemo_neo.train.schedule import run_microbatches, wrap_ddp  # noqa: E402
 
 
+def random_batches(vocab_size: int, count: int) -> list[dict]:
+    """`count` seeded micro-batches of 2 x 10 tokens, ~20% of them not counted (loss_mask 0)."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        tokens = torch.randint(0, vocab_size, (2, 11), generator=g)
+        mask = (torch.rand(2, 10, generator=g) > 0.2).float()
+        batches.append({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask})
+    return batches
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--student", required=True)
@@ -35,12 +46,7 @@ def main():
     pair, arch = build_pair(ctx, args.student, args.teacher)
     pair.config.calculate_per_token_loss = True
     ddp = wrap_ddp(pair)
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(3):
-        tokens = torch.randint(0, arch.vocab_size, (2, 11), generator=g)
-        mask = (torch.rand(2, 10, generator=g) > 0.2).float()  # some tokens not counted
-        batches.append({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask})
+    batches = random_batches(arch.vocab_size, 3)
     loss_config = KDLossConfig(kind=args.kind, temperature=2.0, alpha=0.3, t2_scaling=True, chunk_tokens=7)
     reports = run_microbatches(ddp, batches, kd_loss_fn(loss_config, ctx.tp_group if ctx.tp_size > 1 else None),
                                adjust_tensor_shapes_fn=pair.pair_tensor_shapes)

@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""LM heads + KD loss, forward + backward: fused (no logits) vs our unfused vs naive vs torchtune's.
+
+Every implementation gets the same bf16 inputs: student hidden [tokens, h] and head weight [V, h]
+(both requiring grad), teacher hidden and weight [V, h] (frozen), and ends with the bf16 gradients
+of the student hidden states and weight, for forward KL (T = 1), the Minitron default:
+
+    fused      nemo_neo.distill.fused.fused_distillation_loss (KDLossConfig(fused=True), chunk "auto")
+    ours       logits = hidden @ W.T (bf16, autograd), teacher logits under no_grad, then
+               nemo_neo.distill.distillation_loss (chunked, in place) -- the unfused path
+    naive      the same logits, F.kl_div(F.log_softmax(s.float()), F.log_softmax(t.float())) -- fp32
+    torchtune  torchtune 0.6.1's ForwardKLWithChunkedOutputLoss(num_output_chunks=8) on logits made
+               per sequence chunk, as its KD recipe does (loaded standalone from the wheel's
+               torchtune/modules/loss/kd_losses.py: `pip download --no-deps torchtune==0.6.1 -d DIR`)
+
+Memory: growth of live PyTorch CPU-allocator bytes during forward + backward, from the profiler's
+allocator events (the method of benchmarks/kd_loss_memory.py), one fresh subprocess per
+(case, implementation), after a warm-up. Gradients are part of it for every implementation.
+Time: one subprocess per case runs the implementations alternately, median of --repeats.
+
+    python benchmarks/kd_fused_head.py --torchtune-dir /tmp/tt [--cases 2048x49152x576,...]
+        [--fused-chunks 64,128,256] [--out kd_fused_head.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+from nemo_neo import enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
+
+from kd_loss_memory import _median, _profiler_peak  # noqa: E402
+
+NAIVE_BYTES_PER_LOGIT = 26  # kd_loss_memory's 20 per logit + the bf16 logits of both models and their grad
+
+
+def _subprocess(argv, timeout) -> dict:
+    """Run this script's worker mode in a fresh process; its last stdout line is the JSON result."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _inputs(tokens, vocab, hidden):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    bf = dict(generator=g, dtype=torch.bfloat16)
+    t_hidden = torch.randn(tokens, hidden, **bf)
+    t_weight = torch.randn(vocab, hidden, **bf).mul_(2.0 / hidden**0.5)
+    s_hidden = (t_hidden.float() + 0.5 * torch.randn(tokens, hidden, generator=g)).bfloat16().requires_grad_(True)
+    s_weight = (t_weight.float() + 0.5 * torch.randn(vocab, hidden, generator=g) / hidden**0.5).bfloat16()
+    return s_hidden, s_weight.requires_grad_(True), t_hidden, t_weight
+
+
+def _torchtune_loss(directory):
+    path = Path(directory) / "torchtune" / "modules" / "loss" / "kd_losses.py"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: unpack torchtune 0.6.1's wheel into --torchtune-dir "
+                         "(pip download --no-deps torchtune==0.6.1 -d DIR && cd DIR && unzip torchtune-*.whl)")
+    spec = importlib.util.spec_from_file_location("torchtune_kd_losses", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
+
+
+def _runner(impl, torchtune_dir):
+    import torch
+    import torch.nn.functional as F
+
+    from nemo_neo.distill import KDLossConfig, distillation_loss
+    from nemo_neo.distill.fused import HeadInputs, fused_distillation_loss
+
+    name, _, chunk = impl.partition("@")
+    if name == "fused":
+        config = KDLossConfig(kind="forward_kl", fused=True, **({"chunk_tokens": int(chunk)} if chunk else {}))
+
+        def loss(sh, sw, th, tw):
+            out = fused_distillation_loss(HeadInputs(sh, sw), HeadInputs(th, tw), config)
+            return out.loss_sum / out.num_tokens
+    elif name == "ours":
+        config = KDLossConfig(kind="forward_kl")
+
+        def loss(sh, sw, th, tw):
+            with torch.no_grad():
+                teacher = th @ tw.t()
+            out = distillation_loss(sh @ sw.t(), teacher, config)
+            return out.loss_sum / out.num_tokens
+    elif name == "naive":
+
+        def loss(sh, sw, th, tw):
+            with torch.no_grad():
+                log_p = F.log_softmax((th @ tw.t()).float(), dim=-1)
+            log_q = F.log_softmax((sh @ sw.t()).float(), dim=-1)
+            return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    elif name == "torchtune":
+        peer = _torchtune_loss(torchtune_dir)
+
+        def loss(sh, sw, th, tw):
+            n = peer.num_output_chunks
+            with torch.no_grad():
+                teacher = [(c @ tw.t()).unsqueeze(0) for c in th.chunk(n)]
+            student = [(c @ sw.t()).unsqueeze(0) for c in sh.chunk(n)]
+            labels = torch.zeros(1, sh.shape[0], dtype=torch.long)  # no ignored token: all counted
+            return peer(student, teacher, labels)
+    else:
+        raise SystemExit(f"error: unknown implementation {impl!r}")
+
+    def call(sh, sw, th, tw):
+        sh.grad = sw.grad = None
+        loss(sh, sw, th, tw).backward()
+
+    return call
+
+
+def worker(args) -> dict:
+    tokens, vocab, hidden = map(int, args.case.split("x"))
+    if args.worker == "memory":
+        call = _runner(args.impl, args.torchtune_dir)
+        call(*_inputs(64, 512, 32))  # warm-up: library initialisation outside the measurement
+        inputs = _inputs(tokens, vocab, hidden)
+        return {"peak_bytes": _profiler_peak(lambda: call(*inputs))}
+    impls = args.impls.split(",")
+    calls = {impl: _runner(impl, args.torchtune_dir) for impl in impls}
+    inputs = _inputs(tokens, vocab, hidden)
+    for call in calls.values():
+        call(*inputs)
+    seconds = {impl: [] for impl in impls}
+    for _ in range(args.repeats):
+        for impl, call in calls.items():
+            start = time.perf_counter()
+            call(*inputs)
+            seconds[impl].append(time.perf_counter() - start)
+    return {"seconds": seconds}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="2048x49152x576,8192x49152x576,2048x128256x4096",
+                   help="tokens x vocab x hidden, comma-separated")
+    p.add_argument("--impls", default="fused,ours,naive,torchtune")
+    p.add_argument("--fused-chunks", default=None, help="instead: time fused at these chunk_tokens (and ours)")
+    p.add_argument("--torchtune-dir", default="/tmp/tt")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--mem-fraction", type=float, default=0.5,
+                   help="skip naive/torchtune where their estimated peak exceeds this share of physical memory")
+    p.add_argument("--timeout", type=int, default=3600)
+    p.add_argument("--out", default=None)
+    p.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    import torch
+
+    from nemo_neo.distill.fused import FUSED_AUTO_CHUNK_ELEMENTS
+    from nemo_neo.recipes.throughput import machine
+
+    phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    result = {"machine": f"{machine()['cpu']}, {os.cpu_count()} cores", "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "dtype": "bf16 hidden/weights/logits, fp32 loss math",
+              "fused_auto_chunk_elements": FUSED_AUTO_CHUNK_ELEMENTS["cpu"],
+              "goal": "fused/ours peak <= 0.25 at time <= 1.0", "cases": []}
+    common = ["--torchtune-dir", args.torchtune_dir]
+    for case_name in args.cases.split(","):
+        tokens, vocab, _ = map(int, case_name.split("x"))
+        case = {"case": case_name}
+        impls = args.impls.split(",")
+        if args.fused_chunks:
+            impls = [f"fused@{c}" for c in args.fused_chunks.split(",")] + ["ours"]
+        elif NAIVE_BYTES_PER_LOGIT * tokens * vocab > args.mem_fraction * phys:
+            case["skipped"] = {i: f"estimated peak > {args.mem_fraction:.0%} of {phys / 2**30:.0f} GiB"
+                               for i in impls if i in ("naive", "torchtune")}
+            impls = [i for i in impls if i not in case["skipped"]]
+        if not args.fused_chunks:
+            for impl in impls:
+                mem = _subprocess(["--worker", "memory", "--impl", impl, "--case", case_name, *common], args.timeout)
+                case[f"{impl}_peak_MiB"] = round(mem["peak_bytes"] / 2**20, 1)
+        timing = _subprocess(["--worker", "time", "--impls", ",".join(impls), "--repeats", str(args.repeats),
+                              "--case", case_name, *common], args.timeout)
+        for impl, secs in timing["seconds"].items():
+            case[f"{impl}_s"] = round(_median(secs), 3)
+        if "fused_peak_MiB" in case and "ours_peak_MiB" in case:
+            case["peak_fused_over_ours"] = round(case["fused_peak_MiB"] / case["ours_peak_MiB"], 3)
+            case["time_fused_over_ours"] = round(case["fused_s"] / case["ours_s"], 3)
+            if "naive_peak_MiB" in case:
+                case["peak_fused_over_naive"] = round(case["fused_peak_MiB"] / case["naive_peak_MiB"], 4)
+        print(json.dumps(case), file=sys.stderr, flush=True)
+        result["cases"].append(case)
+    compared = [c for c in result["cases"] if "peak_fused_over_ours" in c]
+    if compared:
+        result["memory_goal_met"] = all(c["peak_fused_over_ours"] <= 0.25 for c in compared)
+        result["time_goal_met"] = all(c["time_fused_over_ours"] <= 1.0 for c in compared)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -41,7 +41,12 @@ def read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path} has no config.json; point --hf at a Hugging Face model directory or a .gguf file.")
-    config = json.loads(config_file.read_text())
+    return json.loads(config_file.read_text()), read_hf_weights(path)
+
+
+def read_hf_weights(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory's safetensors (one file or an index of shards)."""
+    path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -57,7 +62,7 @@ def read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name} is listed in the index but missing; the download is incomplete.")
         state.update(_load_safetensors(path / name))
-    return config, state
+    return state
 
 
 def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
@@ -91,10 +96,11 @@ def read_hf(path: str | os.PathLike) -> tuple[GPTArch, dict[str, torch.Tensor], 
     return arch, state, save_tokenizer
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+def copy_tokenizer_files(src: Path, dst: Path, overwrite: bool = True) -> list[str]:
+    """Copy the tokenizer files of `src` into `dst` (keeping those `dst` has when not `overwrite`)."""
     copied = []
     for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
+        if (Path(src) / name).is_file() and (overwrite or not (Path(dst) / name).exists()):
             shutil.copy2(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied

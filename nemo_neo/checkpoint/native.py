@@ -29,6 +29,7 @@ from nemo_neo.checkpoint.hf_io import CheckpointError, copy_tokenizer_files
 from nemo_neo.checkpoint.hf_mapping import expected_neo_shapes
 from nemo_neo.models.arch import GPTArch, arch_from_hf_config
 from nemo_neo.parallel.reduce import merge_stage_dicts
+from nemo_neo.parallel.state import ParallelContext
 
 FORMAT = "nemo_neo-checkpoint"
 VERSION = 1
@@ -81,7 +82,7 @@ def local_tensors(model: torch.nn.Module, arch: GPTArch) -> dict[str, torch.Tens
     return out
 
 
-def gather_stage_tensors(local: dict[str, torch.Tensor], arch: GPTArch, ctx) -> dict[str, torch.Tensor]:
+def gather_stage_tensors(local: dict[str, torch.Tensor], arch: GPTArch, ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """Collective over the TP group: this stage's local tensors -> full tensors, global names, CPU."""
     offset = sharding.layer_offset(arch.num_layers, ctx.pp_rank, ctx.pp_size)
     full = {}
@@ -102,7 +103,7 @@ def rank_state_file(ckpt, rank: int) -> Path:
     return Path(ckpt) / RANK_STATE_DIR / f"rank{rank:05d}.pt"
 
 
-def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx, tokenizer_src=None,
+def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx: ParallelContext, tokenizer_src=None,
                      metadata: dict | None = None, overwrite: bool = False, rank_state: dict | None = None) -> Path:
     """Collective save from every rank of a (possibly TP/PP-sharded) model.
 
@@ -140,6 +141,11 @@ def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx, tokenizer_
             atomic.publish(tmp, out)
     dist.barrier()
     return out
+
+
+def is_neo_checkpoint(path) -> bool:
+    """A directory written by nemo_neo (it holds the index file)."""
+    return (Path(path) / INDEX).is_file()
 
 
 def read_index(ckpt) -> tuple[GPTArch, dict]:
@@ -202,7 +208,7 @@ def load_full_state(ckpt) -> tuple[GPTArch, dict[str, torch.Tensor], dict]:
     return arch, state, index
 
 
-def load_into_model(ckpt, model: torch.nn.Module, arch: GPTArch, ctx) -> dict:
+def load_into_model(ckpt, model: torch.nn.Module, arch: GPTArch, ctx: ParallelContext) -> dict:
     """Fill this rank's (TP/PP-sharded) model from a checkpoint saved at any TP/PP. Returns metadata."""
     ckpt = Path(ckpt)
     saved_arch, index = read_index(ckpt)

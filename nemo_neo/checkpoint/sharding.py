@@ -10,7 +10,8 @@ import re
 
 import torch
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# "decoder.layers.<i>.<rest>": a transformer layer's tensor (megatron-core names)
+LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 def tp_split(name: str) -> str | int | None:
@@ -77,10 +78,10 @@ def layer_offset(num_layers: int, pp_rank: int, pp: int) -> int:
 
 
 def to_global(local_name: str, offset: int) -> str:
-    m = _LAYER.match(local_name)
+    m = LAYER_NAME.match(local_name)
     return f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m else local_name
 
 
 def to_local(global_name: str, offset: int) -> str:
-    m = _LAYER.match(global_name)
+    m = LAYER_NAME.match(global_name)
     return f"decoder.layers.{int(m.group(1)) - offset}.{m.group(2)}" if m else global_name

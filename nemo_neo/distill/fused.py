@@ -48,6 +48,7 @@ from nemo_neo.distill.losses import (
     _validate_tokens,
     _Workspace,
 )
+from nemo_neo.parallel.state import ParallelContext
 
 # chunk_tokens="auto": elements of one [chunk x V_local] buffer, 8x the unfused loss's on CPU: a
 # chunk's matmuls must be large enough to run near peak (see BENCHMARKS.md for the sweep).
@@ -77,7 +78,7 @@ class _FusedDistillationLoss(torch.autograd.Function):
     """Loss sum over token chunks of the fused heads; gradients computed in forward, scaled in backward."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, labels, token_weight, config, tp_group):
+    def forward(ctx: ParallelContext, s_hidden, s_weight, t_hidden, t_weight, labels, token_weight, config, tp_group):
         hidden_shape = s_hidden.shape
         s_2d = s_hidden.detach().reshape(-1, hidden_shape[-1])
         s_weight = s_weight.detach()
@@ -126,7 +127,7 @@ class _FusedDistillationLoss(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx: ParallelContext, grad_output):
         _first_backward(ctx, "fused")
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:

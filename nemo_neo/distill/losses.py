@@ -62,6 +62,7 @@ import torch
 
 from nemo_neo.distill import vocab_parallel as vp
 from nemo_neo.errors import ConfigError
+from nemo_neo.parallel.state import ParallelContext
 
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "ce_kl")
 DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -292,7 +293,7 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, token_weight, config, tp_group):
+    def forward(ctx: ParallelContext, student_logits, teacher_logits, labels, token_weight, config, tp_group):
         vocab_local = student_logits.shape[-1]
         student_2d = student_logits.reshape(-1, vocab_local)
         teacher_2d = teacher_logits.detach().reshape(-1, vocab_local)
@@ -327,14 +328,14 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx: ParallelContext, grad_output):
         _first_backward(ctx, "chunked")
         (grad_buffer,) = ctx.saved_tensors
         grad = grad_buffer.mul_(grad_output).view(ctx.student_shape)
         return grad, None, None, None, None, None
 
 
-def _first_backward(ctx, name: str) -> None:
+def _first_backward(ctx: ParallelContext, name: str) -> None:
     """A loss whose backward scales its saved gradients in place refuses a second backward."""
     if ctx.backward_done:
         raise RuntimeError(

@@ -10,6 +10,7 @@ from nemo_neo.data.dataset import collate
 from nemo_neo.distill.fused import HeadInputs, fused_distillation_loss
 from nemo_neo.distill.losses import KDLossConfig, distillation_loss
 from nemo_neo.parallel.reduce import sum_from_last_stage
+from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.train.schedule import run_microbatches
 
 CE_ONLY = KDLossConfig(kind="ce_kl", alpha=1.0)
@@ -82,7 +83,7 @@ def kd_with_correction_loss_fn(config: KDLossConfig, tp_group=None, chunk_tokens
 
 
 @torch.no_grad()
-def distillation_metrics(pair, ctx, rows: torch.Tensor, micro_batch_size: int, tp_group=None) -> dict:
+def distillation_metrics(pair, ctx: ParallelContext, rows: torch.Tensor, micro_batch_size: int, tp_group=None) -> dict:
     """Student LM loss and forward KL(teacher || student) per token on held-out rows."""
 
     kl_config = KDLossConfig(kind="forward_kl")

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.train.schedule import run_microbatches
 
 
@@ -35,7 +36,7 @@ def _tp_gather(x: torch.Tensor) -> torch.Tensor:
 class ModelRunner:
     """Runs batches of token rows through this rank's stage and shares small results."""
 
-    def __init__(self, model: torch.nn.Module, ctx, pad_id: int = 0):
+    def __init__(self, model: torch.nn.Module, ctx: ParallelContext, pad_id: int = 0):
         self.model = model.eval()
         self.ctx = ctx
         self.pad_id = pad_id

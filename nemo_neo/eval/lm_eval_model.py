@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from nemo_neo.optional import require
@@ -33,9 +32,12 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 
 from nemo_neo.checkpoint.hf_io import has_tokenizer  # noqa: E402
 from nemo_neo.checkpoint.load import load_model  # noqa: E402
+from nemo_neo.checkpoint.native import INDEX, is_neo_checkpoint  # noqa: E402
 from nemo_neo.errors import EvalError  # noqa: E402
 from nemo_neo.eval.engine import ModelRunner  # noqa: E402
+from nemo_neo.models.dtype import parse_dtype  # noqa: E402
 from nemo_neo.parallel import ParallelConfig, initialize  # noqa: E402
+from nemo_neo.parallel.state import ParallelContext  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +56,6 @@ def _parse_batch_size(value) -> int:
     return max(1, int(text))
 
 
-def _dtype(name: str) -> torch.dtype:
-    if name in (None, "auto"):
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise EvalSetupError(f"dtype={name!r} is not one of {sorted(table)}.")
-    return table[name]
-
-
 def check_checkpoint_tokenizer_only(tokenizer) -> None:
     if not tokenizer or not has_tokenizer(tokenizer):
         raise EvalSetupError(f"an in-memory model needs tokenizer=<dir with tokenizer files>; got {tokenizer!r}.")
@@ -76,11 +68,11 @@ def check_checkpoint(checkpoint, tokenizer=None) -> tuple[Path, Path]:
     if checkpoint is None:
         raise EvalSetupError("model_args needs checkpoint=<nemo_neo checkpoint dir>.")
     ckpt = Path(checkpoint).expanduser()
-    if not (ckpt / "nemo_neo.json").is_file():
+    if not is_neo_checkpoint(ckpt):
         if (ckpt / "config.json").is_file():
             raise EvalSetupError(f"{ckpt} is a Hugging Face directory, not a nemo_neo checkpoint; evaluate it with "
                                  f"--model hf --model_args pretrained={ckpt}, or convert it with tools/convert_checkpoint.py hf-to-neo.")
-        raise EvalSetupError(f"{ckpt} is not a nemo_neo checkpoint (no nemo_neo.json); pass checkpoint=<dir written by nemo_neo>.")
+        raise EvalSetupError(f"{ckpt} is not a nemo_neo checkpoint (no {INDEX}); pass checkpoint=<dir written by nemo_neo>.")
     tok = Path(tokenizer).expanduser() if tokenizer else ckpt
     if not has_tokenizer(tok):
         raise EvalSetupError(f"{tok} has no tokenizer files (tokenizer.json / tokenizer.model / vocab.json); copy them into "
@@ -101,7 +93,7 @@ class NeoLM(TemplateLM):
 
     def __init__(self, checkpoint=None, tokenizer=None, tensor_parallel=1, pipeline_parallel=1, dtype="auto",
                  batch_size=8, max_length=None, max_gen_toks=256, add_bos_token=None, prefix_token_id=None,
-                 device=None, max_batch_size=None, model=None, ctx=None, arch=None, **unused):
+                 device=None, max_batch_size=None, model=None, ctx: ParallelContext | None = None, arch=None, **unused):
         super().__init__()
         if unused:
             log.warning("nemo_neo: ignoring unknown model_args %s", sorted(unused))
@@ -114,7 +106,7 @@ class NeoLM(TemplateLM):
         if ctx is None:
             ctx = initialize(ParallelConfig(tensor_parallel=int(tensor_parallel), pipeline_parallel=int(pipeline_parallel)))
         if model is None:
-            model, arch, _ = load_model(ckpt, ctx, _dtype(dtype))
+            model, arch, _ = load_model(ckpt, ctx, parse_dtype(dtype))
         self.ctx = ctx
         self._device = ctx.device
         self.checkpoint = str(ckpt or checkpoint)

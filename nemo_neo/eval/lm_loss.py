@@ -8,11 +8,12 @@ import torch
 from tqdm.auto import tqdm
 
 from nemo_neo.parallel.reduce import sum_from_last_stage
+from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.train.schedule import run_microbatches
 
 
 @torch.no_grad()
-def validation_loss(model, ctx, sequences: torch.Tensor, micro_batch_size: int = 4, desc: str = "validation") -> dict:
+def validation_loss(model, ctx: ParallelContext, sequences: torch.Tensor, micro_batch_size: int = 4, desc: str = "validation") -> dict:
     """`sequences` is [n, seq_len + 1]. Every rank passes the same rows; data-parallel ranks take a
     strided share. Returns {"loss", "perplexity", "tokens"} on every rank."""
     model.eval()

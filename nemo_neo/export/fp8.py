@@ -26,8 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from nemo_neo.checkpoint import atomic
+from nemo_neo.checkpoint.hf_io import copy_tokenizer_files
 from nemo_neo.data.dataset import read_text
-from nemo_neo.export.hf import ExportError, as_hf_dir, copy_tokenizer, export_hf, is_hf_dir, tokenizer_source
+from nemo_neo.export.hf import ExportError, as_hf_dir, export_hf, is_hf_dir, tokenizer_source
 from nemo_neo.optional import require
 
 
@@ -94,7 +95,7 @@ def export_fp8(ckpt, out, calib_data, calib_samples: int = 64, calib_seq_len: in
     with atomic.atomic_directory(out, overwrite) as tmp:
         with torch.inference_mode():
             export_mod.export_hf_checkpoint(model, export_dir=str(tmp))
-        copy_tokenizer(tok_dir, tmp)
+        copy_tokenizer_files(tok_dir, tmp, overwrite=False)
         quant = json.loads((tmp / "hf_quant_config.json").read_text())["quantization"]
         report = {
             "source": str(ckpt), "source_is_hf": is_hf_dir(ckpt), "quant_algo": quant.get("quant_algo"),

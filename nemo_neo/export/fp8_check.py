@@ -12,20 +12,15 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from nemo_neo.checkpoint.hf_io import read_hf_weights
 
 FP8 = torch.float8_e4m3fn
 SCALE_SUFFIXES = ("weight_scale", "input_scale", "k_scale", "v_scale", "weight_scale_2", "pre_quant_scale")
 
 
 def read_state(path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    state = {}
-    for name in files:
-        state.update(load_file(str(path / name)))
-    return state
+    return read_hf_weights(path)
 
 
 def quant_config(path) -> dict:

@@ -8,37 +8,20 @@ tokenizer, and an existing non-empty output is refused unless `overwrite`.
 
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from nemo_neo.checkpoint import atomic
 from nemo_neo.checkpoint.convert import convert_neo_to_hf
-from nemo_neo.checkpoint.hf_io import TOKENIZER_FILES, has_tokenizer
+from nemo_neo.checkpoint.hf_io import copy_tokenizer_files, has_tokenizer
+from nemo_neo.checkpoint.native import INDEX, is_neo_checkpoint
 from nemo_neo.errors import UserError
-
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16}
+from nemo_neo.models.dtype import parse_dtype
 
 
 class ExportError(UserError, ValueError):
     """The export cannot run as asked (one line: the problem and the fix)."""
-
-
-def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}.")
-    return DTYPES[dtype]
-
-
-def is_neo_checkpoint(path) -> bool:
-    return (Path(path) / "nemo_neo.json").is_file()
 
 
 def is_hf_dir(path) -> bool:
@@ -61,17 +44,8 @@ def check_source(ckpt) -> Path:
     if not ckpt.is_dir():
         raise ExportError(f"{ckpt} does not exist or is not a directory; pass a nemo_neo checkpoint (or HF model) directory.")
     if not (is_neo_checkpoint(ckpt) or is_hf_dir(ckpt)):
-        raise ExportError(f"{ckpt} is neither a nemo_neo checkpoint (nemo_neo.json) nor a Hugging Face model (config.json).")
+        raise ExportError(f"{ckpt} is neither a nemo_neo checkpoint ({INDEX}) nor a Hugging Face model (config.json).")
     return ckpt
-
-
-def copy_tokenizer(src, dst) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file() and not (Path(dst) / name).exists():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
-            copied.append(name)
-    return copied
 
 
 def export_hf(ckpt, out, dtype="bfloat16", overwrite: bool = False, tokenizer=None) -> dict:
@@ -83,9 +57,9 @@ def export_hf(ckpt, out, dtype="bfloat16", overwrite: bool = False, tokenizer=No
     if not is_neo_checkpoint(ckpt):
         raise ExportError(f"{ckpt} is already a Hugging Face directory; there is nothing to export (use it directly).")
     tok = tokenizer_source(ckpt, tokenizer)
-    report = convert_neo_to_hf(ckpt, out, overwrite=overwrite, dtype=resolve_dtype(dtype))
-    copy_tokenizer(tok, out)
-    report.update(dtype=str(resolve_dtype(dtype) or "as stored").replace("torch.", ""), has_tokenizer=has_tokenizer(out))
+    report = convert_neo_to_hf(ckpt, out, overwrite=overwrite, dtype=parse_dtype(dtype))
+    copy_tokenizer_files(tok, out, overwrite=False)
+    report.update(dtype=str(parse_dtype(dtype) or "as stored").replace("torch.", ""), has_tokenizer=has_tokenizer(out))
     return report
 
 
@@ -102,7 +76,3 @@ def as_hf_dir(ckpt, dtype="float32", tokenizer=None):
         out = Path(tmp) / "hf"
         export_hf(ckpt, out, dtype=dtype, tokenizer=tokenizer)
         yield out
-
-
-def read_config(path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())

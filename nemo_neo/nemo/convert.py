@@ -29,7 +29,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from nemo_neo.checkpoint import atomic
 from nemo_neo.checkpoint.hf_io import CheckpointError, copy_tokenizer_files, has_tokenizer
-from nemo_neo.checkpoint.native import _check_complete, local_tensors, save_full_state
+from nemo_neo.checkpoint.native import _check_complete, is_neo_checkpoint, local_tensors, save_full_state
 from nemo_neo.models.gpt import build_gpt, transformer_config
 from nemo_neo.nemo import config as nemo_config
 from nemo_neo.parallel import initialize
@@ -45,7 +45,7 @@ TE_ALIASES = {
 def check_nemo_checkpoint(path) -> Path:
     """A NeMo 2 checkpoint directory, or one clear error saying what is missing."""
     path = Path(path)
-    if (path / "nemo_neo.json").is_file():
+    if is_neo_checkpoint(path):
         raise CheckpointError(f"{path} is a nemo_neo checkpoint, not a NeMo 2 checkpoint; use neo_to_nemo for it.")
     missing = [d for d in ("context", "weights") if not (path / d).is_dir()]
     if missing:

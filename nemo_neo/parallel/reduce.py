@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nemo_neo.parallel.state import ParallelContext
 
-def sum_from_last_stage(values: torch.Tensor, ctx) -> torch.Tensor:
+
+def sum_from_last_stage(values: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """Sum `values` over data-parallel ranks of the last pipeline stage, counted once per TP group,
     and return the result on every rank (losses only exist on the last stage; TP ranks of a stage
     hold identical, already vocab-reduced values)."""
@@ -20,7 +22,7 @@ def sum_from_last_stage(values: torch.Tensor, ctx) -> torch.Tensor:
     return device_values.cpu()
 
 
-def merge_stage_dicts(stage_dict: dict, ctx) -> dict:
+def merge_stage_dicts(stage_dict: dict, ctx: ParallelContext) -> dict:
     """Union over pipeline stages of per-stage dicts (e.g. full tensors gathered over TP), counted
     once per stage (from its TP-rank-0, DP-rank-0 process); the result is on every rank."""
     contribution = stage_dict if ctx.tp_rank == 0 and ctx.dp_rank == 0 else {}

@@ -13,6 +13,7 @@ from nemo_neo.checkpoint import sharding
 from nemo_neo.checkpoint.native import gather_stage_tensors
 from nemo_neo.errors import ConfigError
 from nemo_neo.parallel.reduce import merge_stage_dicts
+from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.peft.lora import LoRALinear, qkv_part_rows
 
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -54,7 +55,7 @@ def _full_init(name: str, shape, seed: int) -> torch.Tensor:
     return torch.empty(shape).uniform_(-bound, bound, generator=g)
 
 
-def apply_lora(model: torch.nn.Module, config: LoRAConfig, ctx) -> dict[str, LoRALinear]:
+def apply_lora(model: torch.nn.Module, config: LoRAConfig, ctx: ParallelContext) -> dict[str, LoRALinear]:
     """Wrap the target linears of every layer of this stage; freeze everything else. Returns
     {global module name: adapter}."""
 
@@ -116,14 +117,14 @@ def merge_lora(model: torch.nn.Module) -> int:
     return count
 
 
-def adapter_state(model: torch.nn.Module, arch, ctx) -> dict[str, torch.Tensor]:
+def adapter_state(model: torch.nn.Module, arch, ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """Full (TP-gathered) adapter tensors of this stage with global names (collective over TP)."""
 
     local = {n: p for n, p in model.named_parameters() if ".lora_" in n}
     return gather_stage_tensors(local, arch, ctx)
 
 
-def save_adapters(path, model, arch, ctx, config: LoRAConfig) -> None:
+def save_adapters(path, model, arch, ctx: ParallelContext, config: LoRAConfig) -> None:
     """Adapters alone (small) in one safetensors file + their config; collective, rank 0 writes."""
     import json
     import os
@@ -144,7 +145,7 @@ def save_adapters(path, model, arch, ctx, config: LoRAConfig) -> None:
     dist.barrier()
 
 
-def load_adapters(path, model, ctx) -> None:
+def load_adapters(path, model, ctx: ParallelContext) -> None:
     """Load adapters saved by `save_adapters` into a LoRA-wrapped model at any TP/PP."""
     from safetensors import safe_open
 

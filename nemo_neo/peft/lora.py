@@ -28,6 +28,8 @@ from megatron.core.tensor_parallel import (
     reduce_from_tensor_model_parallel_region,
 )
 
+from nemo_neo.parallel.state import ParallelContext
+
 
 def qkv_part_rows(config, parts: tuple[str, ...], tp: int) -> torch.Tensor:
     """Row indices (within this rank's linear_qkv output) of the chosen parts, group by group."""
@@ -51,11 +53,11 @@ class _ContiguousGrad(torch.autograd.Function):
     (profiled: 1.6 s of a 6.5 s LoRA step). One copy of the gradient here avoids that."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx: ParallelContext, x):
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: ParallelContext, grad):
         return grad.contiguous()
 
 

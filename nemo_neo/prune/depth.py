@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 
 from nemo_neo.checkpoint.hf_io import copy_tokenizer_files
 from nemo_neo.checkpoint.native import load_full_state, save_full_state
+from nemo_neo.checkpoint.sharding import LAYER_NAME
 from nemo_neo.models.arch import GPTArch
 from nemo_neo.prune.width import PruneTargetError
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 def check_drop_layers(num_layers: int, layers) -> list[int]:
@@ -33,7 +31,7 @@ def drop_layers(arch: GPTArch, state: dict[str, torch.Tensor], layers) -> tuple[
     new_index = {old: new for new, old in enumerate(keep)}
     out = {}
     for name, tensor in state.items():
-        m = _LAYER.match(name)
+        m = LAYER_NAME.match(name)
         if m is None:
             out[name] = tensor
         elif int(m.group(1)) in new_index:

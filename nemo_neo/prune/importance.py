@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.train.schedule import run_microbatches
 
 AGGREGATIONS = ("mean", "l2", "var")
@@ -116,7 +117,7 @@ class ImportanceRecorder:
 
 
 @torch.no_grad()
-def compute_importance(model, arch, ctx, rows: torch.Tensor, config: ImportanceConfig | None = None) -> dict:
+def compute_importance(model, arch, ctx: ParallelContext, rows: torch.Tensor, config: ImportanceConfig | None = None) -> dict:
     """Score every head, neuron and channel of `model` (this rank's TP/PP slice) on calibration rows
     [n, s(+1)]. Returns full scores on every rank: heads [L, H], neurons [L, F], channels [h]."""
 

@@ -15,7 +15,6 @@ Kept units stay in their original order, so the result is a normal checkpoint of
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 
@@ -28,14 +27,6 @@ TARGET_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_que
 
 class PruneTargetError(ConfigError):
     pass
-
-
-@dataclass
-class WidthTarget:
-    hidden_size: int | None = None
-    ffn_hidden_size: int | None = None
-    num_attention_heads: int | None = None
-    num_query_groups: int | None = None
 
 
 def parse_target(text: str) -> dict:

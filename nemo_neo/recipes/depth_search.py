@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from nemo_neo.eval.harness import accuracies, evaluate
 from nemo_neo.eval.lm_loss import validation_loss
 from nemo_neo.eval.tasks import task_manager
+from nemo_neo.parallel.state import ParallelContext
 
 
 @contextlib.contextmanager
@@ -34,7 +35,7 @@ def layers_skipped(model, drop: list[int]):
         decoder.layers = original
 
 
-def search_depth(model, ctx, num_drop: int, metric: Callable, higher_is_better: bool,
+def search_depth(model, ctx: ParallelContext, num_drop: int, metric: Callable, higher_is_better: bool,
                  contiguous: bool = True) -> dict:
     """Score every candidate removal. `metric(model) -> float`.
 
@@ -65,11 +66,11 @@ def search_depth(model, ctx, num_drop: int, metric: Callable, higher_is_better: 
             "higher_is_better": higher_is_better, "curve": curve, "drop_layers": drop}
 
 
-def loss_metric(ctx, rows: torch.Tensor, micro_batch_size: int = 4) -> Callable:
+def loss_metric(ctx: ParallelContext, rows: torch.Tensor, micro_batch_size: int = 4) -> Callable:
     return lambda model: validation_loss(model, ctx, rows, micro_batch_size, desc="candidate")["loss"]
 
 
-def task_metric(ctx, tokenizer_dir, task: str, limit: int | None = None, data_dir=None, batch_size: int = 8) -> Callable:
+def task_metric(ctx: ParallelContext, tokenizer_dir, task: str, limit: int | None = None, data_dir=None, batch_size: int = 8) -> Callable:
     """Accuracy of an lm-eval task (e.g. the pack's local-file `neo_winogrande`) for each candidate.
     The model is evaluated in memory through nemo_neo's lm-eval LM; every rank gets the result."""
     import torch.distributed as dist

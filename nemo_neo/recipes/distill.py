@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import torch
-
 from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import read_index
 from nemo_neo.distill.losses import KDLossConfig
 from nemo_neo.distill.model import DistillationPair, check_teacher_compatible
 from nemo_neo.distill.objective import distillation_metrics, kd_loss_fn, kd_with_correction_loss_fn
+from nemo_neo.models.dtype import default_dtype
+from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.train import state as ckpt_state
 from nemo_neo.train.loop import TrainConfig, Trainer
 
 
-def default_dtype():
-    """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and the CPU path is for exactness)."""
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
-def build_pair(ctx, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, recompute_activations=False,
+def build_pair(ctx: ParallelContext, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, recompute_activations=False,
                train_teacher=False):
     """Student (trainable) and frozen teacher stages for this rank. `teacher_dtype` may be lower
     precision than the student's; `recompute_activations` recomputes each student layer in backward."""
@@ -32,7 +27,7 @@ def build_pair(ctx, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, 
     return DistillationPair(student, teacher, train_teacher=train_teacher), student_arch
 
 
-def distill(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: TrainConfig, run_dir,
+def distill(ctx: ParallelContext, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: TrainConfig, run_dir,
             loss_cfg: KDLossConfig | None = None, eval_micro_batch_size: int = 4, prepare_student=None,
             correct_teacher_lr: tuple[float, float] | None = None, **pair_options) -> dict:
     """Train the student on KD(teacher) over `train_rows`; checkpoints (student only) and logs in run_dir.

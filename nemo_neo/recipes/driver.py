@@ -16,7 +16,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
-from nemo_neo.export.hf import is_hf_dir, is_neo_checkpoint
+from nemo_neo.checkpoint.native import INDEX, is_neo_checkpoint
+from nemo_neo.export.hf import is_hf_dir
 from nemo_neo.parallel import ParallelContext, initialize
 from nemo_neo.recipes import config as rc
 from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
@@ -33,7 +34,7 @@ def resolve_teacher(cfg: rc.RecipeConfig, ctx: ParallelContext, run: RunDirector
     if named and is_neo_checkpoint(named):
         return Path(named)
     if named and not is_hf_dir(named):
-        raise rc.RecipeConfigError(f"teacher.checkpoint={named} is neither a nemo_neo checkpoint (nemo_neo.json) nor a "
+        raise rc.RecipeConfigError(f"teacher.checkpoint={named} is neither a nemo_neo checkpoint ({INDEX}) nor a "
                                    "Hugging Face directory (config.json + safetensors); point it at one of those")
     if named:
         out = run.root / "teacher"

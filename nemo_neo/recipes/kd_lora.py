@@ -36,6 +36,7 @@ from nemo_neo.checkpoint.native import read_index, save_distributed
 from nemo_neo.data.glue import compute_metrics, get_task, read_glue
 from nemo_neo.distill.losses import KDLossConfig, distillation_loss
 from nemo_neo.parallel import initialize
+from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.peft.apply import LoRAConfig, apply_lora, save_adapters, trainable_report
 from nemo_neo.peft.label_words import (
     class_logits,
@@ -179,7 +180,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_task(task: str = "SST-2", method: str = "kd_lora", config: KDLoRATaskConfig | None = None, ctx=None,
+def run_task(task: str = "SST-2", method: str = "kd_lora", config: KDLoRATaskConfig | None = None, ctx: ParallelContext | None = None,
              on_student_ready=None, **overrides) -> dict:
     """Fine-tune / distill a student on one GLUE task and return its metrics (a JSON-able dict).
 

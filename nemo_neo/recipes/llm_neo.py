@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from nemo_neo.distill.losses import KDLossConfig
+from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.peft.apply import LoRAConfig
 from nemo_neo.recipes.methods import MethodConfig, train_student
 
 
-def llm_neo(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg, run_dir,
+def llm_neo(ctx: ParallelContext, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg, run_dir,
             lora: LoRAConfig | None = None, alpha: float = 0.5, temperature: float = 1.0, merged_out=None,
             loss: KDLossConfig | None = None) -> dict:
     """Writes <run_dir>/adapters.safetensors and the merged student to `merged_out` (default <run_dir>/merged).

@@ -32,8 +32,10 @@ from nemo_neo.distill.model import DistillationPair, check_teacher_compatible
 from nemo_neo.distill.objective import distillation_metrics, lm_loss_fn
 from nemo_neo.errors import ConfigError
 from nemo_neo.eval.lm_loss import validation_loss
+from nemo_neo.models.dtype import default_dtype
+from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.peft.apply import LoRAConfig, apply_lora, merge_lora, save_adapters, trainable_report
-from nemo_neo.recipes.distill import default_dtype, distill
+from nemo_neo.recipes.distill import distill
 from nemo_neo.train.loop import TrainConfig, Trainer
 
 METHODS = ("sft", "lora", "kd", "llm_neo")
@@ -92,14 +94,14 @@ class MethodConfig:
         return None
 
 
-def _load_teacher_for_eval(ctx, student_arch, student_ckpt, teacher_ckpt, dtype):
+def _load_teacher_for_eval(ctx: ParallelContext, student_arch, student_ckpt, teacher_ckpt, dtype):
     teacher_arch, _ = read_index(teacher_ckpt)
     check_teacher_compatible(student_arch, teacher_arch, student_ckpt, teacher_ckpt)
     teacher, _, _ = load_model(teacher_ckpt, ctx, dtype)
     return teacher
 
 
-def validation_metrics(ctx, student, student_arch, student_ckpt, valid_rows, micro_batch_size: int,
+def validation_metrics(ctx: ParallelContext, student, student_arch, student_ckpt, valid_rows, micro_batch_size: int,
                        teacher_ckpt=None, teacher_dtype=None) -> dict:
     """LM loss (and KL(teacher || student) when a teacher is given) of `student` on `valid_rows`.
     The teacher is loaded for this call only and released after it. No rows: no metrics ({})."""
@@ -119,7 +121,7 @@ def validation_metrics(ctx, student, student_arch, student_ckpt, valid_rows, mic
     return metrics
 
 
-def _train_on_labels(ctx, method: MethodConfig, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg,
+def _train_on_labels(ctx: ParallelContext, method: MethodConfig, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg,
                      run_dir, eval_micro_batch_size, prepare_student, dtype=None, teacher_dtype=None,
                      recompute_activations=False) -> dict:
     """sft / lora: the student alone trains on next-token CE; the teacher only validates."""
@@ -148,7 +150,7 @@ def _after_from_final(final: dict) -> dict | None:
     return after if "kl" in after else None
 
 
-def train_student(ctx, method: MethodConfig, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: TrainConfig,
+def train_student(ctx: ParallelContext, method: MethodConfig, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: TrainConfig,
                   run_dir, out_ckpt=None, eval_micro_batch_size: int = 4, **pair_options) -> dict:
     """Train the student with `method`; write the final full student checkpoint to `out_ckpt`
     (default <run_dir>/final, atomically). Collective: every rank of the TP/PP/DP world calls it.

@@ -10,6 +10,7 @@ from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import load_full_state, save_full_state
 from nemo_neo.data.dataset import load_token_rows
 from nemo_neo.parallel import initialize
+from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.prune.depth import drop_layers
 from nemo_neo.prune.importance import ImportanceConfig, compute_importance, load_scores, save_scores
 from nemo_neo.prune.width import prune_width, pruned_arch
@@ -32,7 +33,7 @@ def _calibration_rows(ckpt, calib_data, seq_length: int, num_samples: int):
 def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, calib_data=None, num_samples: int = 1024,
                      seq_length: int = 256, scores_path=None, save_scores_path=None, tp: int = 1, pp: int = 1,
                      overwrite: bool = False, importance: ImportanceConfig | None = None, depth_metric: str = "loss",
-                     task_limit: int | None = None, data_dir=None, ctx=None, calib_rows=None, valid_rows=None) -> dict:
+                     task_limit: int | None = None, data_dir=None, ctx: ParallelContext | None = None, calib_rows=None, valid_rows=None) -> dict:
     """depth_metric: "loss" (LM validation loss on held-out calibration text) or "task:<lm-eval task>"
     (accuracy, e.g. task:neo_winogrande with data_dir=../shared/data).
     ctx: run inside an already initialized (torchrun) job: every rank calibrates its model shard

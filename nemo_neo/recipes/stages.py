@@ -30,7 +30,7 @@ from nemo_neo.recipes.prune import prune_checkpoint
 from nemo_neo.recipes.run_dir import RunDirectory
 
 
-def _barrier(ctx) -> None:
+def _barrier(ctx: ParallelContext) -> None:
     if ctx.world_size > 1:
         dist.barrier()
 

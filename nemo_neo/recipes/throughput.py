@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from nemo_neo.errors import ConfigError
 from nemo_neo.export.hf import as_hf_dir, tokenizer_source
+from nemo_neo.models.dtype import parse_dtype
 from nemo_neo.optional import require
 
 
@@ -108,12 +109,11 @@ class TorchBackend:
 
         if (Path(hf_dir) / "hf_quant_config.json").is_file():
             raise ThroughputError(f"{hf_dir} is an FP8 (modelopt) checkpoint; run it with --backend trtllm (the torch backend runs bf16/fp32).")
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-        if precision not in dtypes:
+        if precision not in ("bf16", "fp16", "fp32"):
             raise ThroughputError(f"the torch backend runs precision bf16, fp16 or fp32, not {precision!r}.")
         self.precision = precision
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtypes[precision]).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=parse_dtype(precision)).to(self.device).eval()
         if compile if compile is not None else self.device.type == "cuda":
             self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=False)
 

@@ -26,6 +26,7 @@ from nemo_neo.checkpoint.native import load_into_model, save_distributed
 from nemo_neo.data.dataset import DistributedBatchSampler, collate
 from nemo_neo.errors import RunStateError
 from nemo_neo.parallel.reduce import sum_from_last_stage
+from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.train import state as ckpt_state
 from nemo_neo.train.optim import OptimConfig, build_optimizer, current_lr
 from nemo_neo.train.schedule import run_microbatches, wrap_ddp
@@ -63,7 +64,7 @@ class Trainer:
     resume restores both. lr_overrides: see `build_optimizer`.
     """
 
-    def __init__(self, ctx, model, arch, loss_fn: Callable, train_rows: torch.Tensor, cfg: TrainConfig,
+    def __init__(self, ctx: ParallelContext, model, arch, loss_fn: Callable, train_rows: torch.Tensor, cfg: TrainConfig,
                  run_dir, name: str, evaluate: Callable | None = None, tokenizer_src=None,
                  checkpoint_module: torch.nn.Module | None = None, adjust_tensor_shapes_fn=None,
                  lr_overrides: dict | None = None, companion: tuple | None = None):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass
 class OptimConfig:
@@ -71,7 +69,3 @@ def build_optimizer(ddp_model, cfg: OptimConfig, total_steps: int, lr_overrides:
 
 def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
-
-
-def trainable_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -12,6 +12,7 @@ import torch
 from nemo_neo.checkpoint.hf_io import CheckpointError
 from nemo_neo.checkpoint.native import load_into_model, rank_state_file, save_distributed
 from nemo_neo.errors import disk_write_error
+from nemo_neo.parallel.state import ParallelContext
 
 LATEST = "latest.json"
 
@@ -34,7 +35,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def layout(ctx) -> dict:
+def layout(ctx: ParallelContext) -> dict:
     return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size}
 
 
@@ -46,7 +47,7 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def save_training_checkpoint(ckpt_root: Path, step: int, arch, model, ctx, optimizer, scheduler, sampler,
+def save_training_checkpoint(ckpt_root: Path, step: int, arch, model, ctx: ParallelContext, optimizer, scheduler, sampler,
                              tokenizer_src=None, metrics: dict | None = None) -> Path:
     ckpt_root = Path(ckpt_root)
     name = f"step_{step:07d}"
@@ -72,7 +73,7 @@ def save_training_checkpoint(ckpt_root: Path, step: int, arch, model, ctx, optim
     return out
 
 
-def load_training_checkpoint(path: Path, arch, model, ctx, optimizer, scheduler, sampler) -> int:
+def load_training_checkpoint(path: Path, arch, model, ctx: ParallelContext, optimizer, scheduler, sampler) -> int:
     """Restore everything saved by `save_training_checkpoint`; returns the step to continue from."""
     load_into_model(path, model, arch, ctx)
     state_file = rank_state_file(path, ctx.rank)

@@ -13,7 +13,8 @@ is in place (PYTHONDONTWRITEBYTECODE), so no stale .pyc of a mutant can outlive 
     python scripts/mutation_check.py --only lora_scale_off_by_one --only importance_seq_max
     python scripts/mutation_check.py --baseline    # first check the mapped tests pass unmutated
 
-Exit status: 0 when every mutant is killed, 1 when any survives, 2 on a stale or broken entry.
+Exit status: 0 when every mutant is killed, 1 when any survives, 2 on a stale or broken entry (a snippet
+not found exactly once, or a mutant that fails to import: that is no kill).
 Slow (each mutant starts pytest; some tests use torchrun): not part of CI's default run.
 """
 
@@ -99,7 +100,7 @@ MUTATIONS = [
     # --- importance and width / depth selection ---------------------------------------------------
     Mutation("importance_seq_max", IM, "        return x.mean(0)\n", "        return x.amax(0)\n", IMP,
              "issue 23: sequence aggregation mean replaced by max"),
-    Mutation("importance_no_abs", IM, "                x = x.abs()\n", "", IMP, "signed activations averaged"),
+    Mutation("importance_no_abs", IM, "                x = x.abs()\n", "                x = x\n", IMP, "signed activations averaged"),
     Mutation("importance_head_l1", IM, "x = x.view(*x.shape[:2], -1, self.head_dim).norm(dim=-1)",
              "x = x.view(*x.shape[:2], -1, self.head_dim).abs().sum(dim=-1)", IMP, "head norm L1 instead of L2"),
     Mutation("importance_batch_var_uncentred", IM, "return mean if how == \"mean\" else self.sumsq / self.count - mean.pow(2)",
@@ -131,7 +132,7 @@ MUTATIONS = [
     Mutation("lora_A_init_too_narrow", "nemo_neo/peft/apply.py", "bound = 1.0 / (shape[1] ** 0.5)", "bound = 1.0 / shape[1]",
              LORA_INIT, "A's init range not peft's kaiming-uniform"),
     Mutation("lora_row_parallel_not_reduced", "nemo_neo/peft/lora.py", "            h = reduce_from_tensor_model_parallel_region(h)\n",
-             "", LORA_TP2, "row-parallel A x not summed over TP"),
+             "            h = h\n", LORA_TP2, "row-parallel A x not summed over TP"),
     # --- TP / PP sharding and resharding ------------------------------------------------------------
     Mutation("shard_swiglu_plain", "nemo_neo/checkpoint/sharding.py",
              "return [(0, h * half + tp_rank * n, h * half + (tp_rank + 1) * n) for h in (0, 1)]",
@@ -205,9 +206,14 @@ def check_entry(m: Mutation) -> str | None:
     path = REPO / m.file
     if not path.is_file():
         return f"{m.file} does not exist"
-    count = path.read_text().count(m.original)
+    text = path.read_text()
+    count = text.count(m.original)
     if count != 1:
         return f"the original snippet occurs {count} times in {m.file} (must be exactly once: update the entry)"
+    try:  # a mutant that is not even Python would "fail" every test without testing anything
+        compile(text.replace(m.original, m.replacement, 1), m.file, "exec")
+    except SyntaxError as e:
+        return f"the mutant does not compile ({e.msg}, line {e.lineno}): fix the replacement"
     return None
 
 
@@ -271,17 +277,20 @@ def main(argv=None) -> int:
             if rc != 0:
                 print(tail, file=sys.stderr)
                 return 2
-    survivors, total_start = [], time.perf_counter()
+    survivors, broken, total_start = [], [], time.perf_counter()
     try:
         for i, m in enumerate(chosen, 1):
             rc, secs, tail = apply_and_test(m, args.timeout)
-            killed = rc != 0
-            status = "killed" if killed else "SURVIVED"
+            # 1 = a test failed (killed); -1 = the tests ran past --timeout (killed: e.g. an endless loop);
+            # 0 = survived; anything else (2: a collection / syntax error) means the entry itself is broken.
+            status = {0: "SURVIVED", 1: "killed", -1: "killed"}.get(rc, "BROKEN")
             print(f"[{i:2d}/{len(chosen)}] {status:8s} {secs:6.1f}s  {m.name}  ({m.why})", flush=True)
-            if rc not in (0, 1):  # 1 = a test failed; anything else (collection error, timeout) is worth seeing
-                print(f"    note: pytest exit status {rc}: {tail.strip().splitlines()[-1] if tail.strip() else ''}")
-            if not killed:
+            if status == "BROKEN" or rc == -1:
+                print(f"    pytest exit status {rc}: {tail.strip().splitlines()[-1] if tail.strip() else ''}")
+            if rc == 0:
                 survivors.append(m)
+            elif status == "BROKEN":
+                broken.append(m)
     except (KeyboardInterrupt, Interrupted) as e:
         print(f"interrupted ({e}); files restored", file=sys.stderr)
         return 2
@@ -289,12 +298,14 @@ def main(argv=None) -> int:
         if not git_clean(files):
             print(f"error: {files} differ from git after restoring: inspect `git diff`", file=sys.stderr)
             return 2
-    done = len(chosen)
-    print(f"\nkill rate: {done - len(survivors)}/{done} = {100.0 * (done - len(survivors)) / done:.1f}% "
-          f"in {time.perf_counter() - total_start:.0f}s")
+    done = len(chosen) - len(broken)
+    killed = done - len(survivors)
+    print(f"\nkill rate: {killed}/{done} = {100.0 * killed / max(done, 1):.1f}% in {time.perf_counter() - total_start:.0f}s")
     for m in survivors:
         print(f"survivor: {m.name} ({m.file}): {m.why}; tests: {' '.join(m.tests)}")
-    return 1 if survivors else 0
+    for m in broken:
+        print(f"broken entry (the mutant does not even import; fix its replacement): {m.name} ({m.file})")
+    return 2 if broken else 1 if survivors else 0
 
 
 if __name__ == "__main__":

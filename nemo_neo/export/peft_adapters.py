@@ -55,6 +55,14 @@ def qkv_rows(arch: GPTArch, parts) -> torch.Tensor:
                          for part in "qkv" if part in parts for j in range(*spans[part])], dtype=torch.long)
 
 
+def _io_sizes(arch: GPTArch, module: str) -> tuple[int, int | None]:
+    """(input features, output rows of B) of a megatron linear; None = checked per qkv part."""
+    attn = arch.num_attention_heads * arch.head_dim
+    return {"self_attention.linear_qkv": (arch.hidden_size, None), "self_attention.linear_proj": (attn, arch.hidden_size),
+            "mlp.linear_fc1": (arch.hidden_size, 2 * arch.ffn_hidden_size),
+            "mlp.linear_fc2": (arch.ffn_hidden_size, arch.hidden_size)}[module]
+
+
 def to_peft_state(adapters: dict[str, torch.Tensor], arch: GPTArch, qkv_parts) -> tuple[dict, list[str]]:
     """nemo_neo adapter tensors (full, global names as `save_adapters` writes them) -> (peft
     state dict, HF target module names)."""
@@ -65,6 +73,11 @@ def to_peft_state(adapters: dict[str, torch.Tensor], arch: GPTArch, qkv_parts) -
             if key + ".lora_A" not in adapters:
                 continue
             a, b = adapters[key + ".lora_A"].float(), adapters[key + ".lora_B"].float()
+            want_in, want_out = _io_sizes(arch, module)
+            if a.shape[1] != want_in or (want_out is not None and b.shape[0] != want_out):
+                raise PeftExportError(
+                    f"{key} adapters are {b.shape[0]} x {a.shape[1]} (B rows x A columns) but this base model's "
+                    f"{module} is {want_out or 'qkv'} x {want_in}: pass the base checkpoint the adapters were trained on.")
             if key + ".lora_M" in adapters:
                 b = b @ adapters[key + ".lora_M"].float()  # MoSLoRA: B M A == (B M) A
             if module.endswith("linear_qkv"):

@@ -291,13 +291,14 @@ def main(argv=None) -> int:
                 survivors.append(m)
             elif status == "BROKEN":
                 broken.append(m)
-    except (KeyboardInterrupt, Interrupted) as e:
+    except (KeyboardInterrupt, Interrupted) as e:  # apply_and_test has restored the file already
         print(f"interrupted ({e}); files restored", file=sys.stderr)
         return 2
-    finally:
-        if not git_clean(files):
-            print(f"error: {files} differ from git after restoring: inspect `git diff`", file=sys.stderr)
-            return 2
+    finally:  # runs on any exit from the loop, an unexpected exception included
+        clean = git_clean(files)
+    if not clean:
+        print(f"error: {files} differ from git after restoring: inspect `git diff`", file=sys.stderr)
+        return 2
     done = len(chosen) - len(broken)
     killed = done - len(survivors)
     print(f"\nkill rate: {killed}/{done} = {100.0 * killed / max(done, 1):.1f}% in {time.perf_counter() - total_start:.0f}s")

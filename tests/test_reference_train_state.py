@@ -43,7 +43,7 @@ def test_lr_schedule_matches_closed_form(ckpt, parallel_ctx, warmup, total):
     optimizer, scheduler = build_optimizer(wrap_ddp(model), cfg, total_steps=total)
     capped = min(warmup, total - 1)  # warm-up never takes the whole run: the last steps decay
     seen = []
-    for k in range(total + 1):
+    for _ in range(total + 1):
         seen.append(current_lr(optimizer))
         scheduler.step(1)
     want = [expected_lr(k, cfg.lr, cfg.min_lr, capped, total) for k in range(total + 1)]

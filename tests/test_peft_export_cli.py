@@ -7,8 +7,8 @@ import pytest
 from conftest import REPO
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
+from nemo_neo.checkpoint.load import load_model
 from nemo_neo.export.peft_adapters import PeftExportError, export_peft_adapters
-from nemo_neo.models.load import load_model
 from nemo_neo.peft import LoRAConfig, apply_lora, save_adapters
 
 TOOL = REPO / "tools" / "export_peft_adapters.py"

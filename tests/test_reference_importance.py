@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
-from nemo_neo.models.load import load_model
+from nemo_neo.checkpoint.load import load_model
 from nemo_neo.prune import ImportanceConfig, compute_importance
 from nemo_neo.prune.importance import AGGREGATIONS
 

@@ -17,8 +17,8 @@ import torch
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo, convert_neo_to_hf
 from nemo_neo.checkpoint.hf_mapping import split_qkv
+from nemo_neo.checkpoint.load import load_model
 from nemo_neo.export.peft_adapters import PeftExportError, export_peft_adapters
-from nemo_neo.models.load import load_model
 from nemo_neo.peft import LoRAConfig, apply_lora, save_adapters
 
 RANK, ALPHA = 4, 12.0

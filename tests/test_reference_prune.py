@@ -11,8 +11,8 @@ import torch
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
 from nemo_neo.checkpoint.hf_mapping import neo_to_hf
+from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import load_full_state, save_full_state
-from nemo_neo.models.load import load_model
 from nemo_neo.prune import drop_layers, prune_width
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
+from nemo_neo.checkpoint.load import load_model
 from nemo_neo.data.dataset import DistributedBatchSampler
-from nemo_neo.models.load import load_model
 from nemo_neo.peft import LoRAConfig, apply_lora
 from nemo_neo.train import state as ckpt_state
 from nemo_neo.train.optim import OptimConfig, build_optimizer, current_lr

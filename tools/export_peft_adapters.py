@@ -1,45 +1,8 @@
-#!/usr/bin/env python
-"""Export nemo_neo LoRA / MoSLoRA adapters (adapters.safetensors) in peft's format.
+"""`python tools/export_peft_adapters.py ...` is the console command `nemo-neo-export-peft` (see nemo_neo/cli/export_peft.py)."""
 
-  python tools/export_peft_adapters.py --adapters runs/x/adapters.safetensors --base <nemo_neo ckpt> --out <dir>
-
-Writes <dir>/adapter_model.safetensors + adapter_config.json. Load them on the HF export of the
-base checkpoint (tools/convert_checkpoint.py neo-to-hf):
-  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<hf dir>), <dir>)
-Fused q/k/v and gate/up adapters become per-projection adapters with A copied (exact); MoSLoRA's
-mixer is folded into B (exact for inference). See nemo_neo/export/peft_adapters.py.
-"""
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapters", required=True, help="adapters.safetensors written by a LoRA / LLM-Neo run")
-    parser.add_argument("--base", required=True, help="the nemo_neo checkpoint the adapters were trained on")
-    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    parser.add_argument("--base-name", default=None, help="base_model_name_or_path to record (default: --base)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    args = parser.parse_args(argv)
-
-    from nemo_neo.checkpoint.atomic import OutputExistsError
-    from nemo_neo.checkpoint.hf_io import CheckpointError
-    from nemo_neo.export.peft_adapters import PeftExportError, export_peft_adapters
-
-    try:
-        result = export_peft_adapters(args.adapters, args.base, args.out, base_model_name_or_path=args.base_name,
-                                      overwrite=args.overwrite)
-    except (PeftExportError, CheckpointError, OutputExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
-
+from nemo_neo.cli.export_peft import main
 
 if __name__ == "__main__":
     sys.exit(main())

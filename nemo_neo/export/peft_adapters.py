@@ -30,6 +30,8 @@ import torch
 
 from nemo_neo.checkpoint import atomic
 from nemo_neo.checkpoint.hf_mapping import split_qkv
+from nemo_neo.checkpoint.native import read_index
+from nemo_neo.errors import UserError
 from nemo_neo.models.arch import GPTArch
 
 # megatron linear -> (HF module path inside a decoder layer, HF projections it covers)
@@ -42,7 +44,7 @@ _MODULES = {
 _PREFIX = "base_model.model.model.layers"  # peft's key prefix for a *ForCausalLM base model
 
 
-class PeftExportError(ValueError):
+class PeftExportError(UserError, ValueError):
     """The adapters cannot be exported as asked (one line: the problem and the fix)."""
 
 
@@ -127,7 +129,6 @@ def export_peft_adapters(adapters_path, base_ckpt, out, base_model_name_or_path:
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<HF export of base_ckpt>), out)`."""
     from safetensors.torch import save_file
 
-    from nemo_neo.checkpoint.native import read_index
 
     atomic.check_output_dir(out, overwrite)
     arch, _ = read_index(base_ckpt)

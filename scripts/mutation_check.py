@@ -83,7 +83,7 @@ MUTATIONS = [
     Mutation("softmax_backward_no_temperature", L, "return g.sub_(expected.unsqueeze(-1)).mul_(q).div_(temperature)",
              "return g.sub_(expected.unsqueeze(-1)).mul_(q)", LOSS, "reverse KL / JSD gradient loses 1/T"),
     Mutation("ce_ignore_index_not_masked", L,
-             "token_weight = token_weight * (labels != config.ignore_index).to(compute_dtype)",
+             "token_weight = token_weight * (labels != config.ignore_index).to(dtype)",
              "token_weight = token_weight", LOSS, "labels -100 are counted"),
     Mutation("mask_not_applied_to_gradient", L, "torch.mul(grad, weight_1d[rows].unsqueeze(-1), out=grad_buffer[rows])",
              "grad_buffer[rows].copy_(grad)", LOSS, "masked tokens still send gradient"),
@@ -157,8 +157,8 @@ MUTATIONS = [
     Mutation("lr_warmup_not_capped", "nemo_neo/train/optim.py", "warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))",
              "warmup = cfg.warmup_steps", LR, "warm-up longer than the run"),
     Mutation("atomic_publish_on_error", "nemo_neo/checkpoint/atomic.py",
-             "    except BaseException:\n        shutil.rmtree(tmp, ignore_errors=True)\n        raise",
-             "    except BaseException:\n        publish(tmp, out)\n        raise", ATOMIC, "a failed write replaces the output"),
+             "    except BaseException as e:\n        shutil.rmtree(tmp, ignore_errors=True)\n",
+             "    except BaseException as e:\n        publish(tmp, out)\n", ATOMIC, "a failed write replaces the output"),
     Mutation("atomic_overwrite_ignored", "nemo_neo/checkpoint/atomic.py",
              "if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:",
              "if out.exists() and (not out.is_dir() or any(out.iterdir())) and False:", ATOMIC, "existing output clobbered"),
@@ -177,15 +177,19 @@ MUTATIONS = [
              "                           metadata={\"step\": step, \"metrics\": metrics or {}}, overwrite=True, rank_state=state)\n"
              "    if ctx.is_main:  # move the pointer only now that the checkpoint is complete\n"
              "        tmp = ckpt_root / f\".{LATEST}.tmp\"\n"
-             "        tmp.write_text(json.dumps({\"name\": name, \"step\": step}) + \"\\n\")\n"
-             "        os.replace(tmp, ckpt_root / LATEST)\n",
+             "        try:\n"
+             "            tmp.write_text(json.dumps({\"name\": name, \"step\": step}) + \"\\n\")\n"
+             "            os.replace(tmp, ckpt_root / LATEST)\n",
              "    if ctx.is_main:\n"
              "        ckpt_root.mkdir(parents=True, exist_ok=True)\n"
              "        tmp = ckpt_root / f\".{LATEST}.tmp\"\n"
              "        tmp.write_text(json.dumps({\"name\": name, \"step\": step}) + \"\\n\")\n"
              "        os.replace(tmp, ckpt_root / LATEST)\n"
              "    out = save_distributed(ckpt_root / name, arch, model, ctx, tokenizer_src=tokenizer_src,\n"
-             "                           metadata={\"step\": step, \"metrics\": metrics or {}}, overwrite=True, rank_state=state)\n",
+             "                           metadata={\"step\": step, \"metrics\": metrics or {}}, overwrite=True, rank_state=state)\n"
+             "    if ctx.is_main:\n"
+             "        try:\n"
+             "            pass\n",
              RESUME, "the pointer moves before the checkpoint is whole"),
 ]
 

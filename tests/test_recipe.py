@@ -217,8 +217,8 @@ def test_run_dir_of_another_run_is_refused_unless_resumed(tiny_pair, tmp_path):
 
 @pytest.mark.parametrize("content,needle", [
     (b"\x89PNG\r\n\x1a\n\x00\x00binary", "is not UTF-8 text: byte 0 (0x89)"),
-    (b"", "has 0 tokens"),
-    (b"Too short.", "fewer than one row"),
+    (b"", "hold no non-empty documents"),
+    (b"Too short.", "fewer than one sample"),
 ])
 def test_bad_text_file_is_one_line_naming_it(tiny_pair, tmp_path, content, needle):
     """A binary, an empty and a too-short text file: one `error:` line naming the file, no traceback

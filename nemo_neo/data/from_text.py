@@ -22,7 +22,7 @@ from nemo_neo.data.dataset import _cache_key, _check_source, read_documents, spl
 from nemo_neo.data.indexed import TokenSamples, _world, build_gpt_datasets
 from nemo_neo.data.preprocess import preprocess_documents
 from nemo_neo.data.text import default_corpus
-from nemo_neo.errors import DataFileNotFoundError
+from nemo_neo.errors import DataError, DataFileNotFoundError
 
 
 def default_text_cache() -> Path:
@@ -75,8 +75,12 @@ def indexed_from_text(sources: Sequence[str | os.PathLike], tokenizer, seq_lengt
     train, valid = text_prefixes(sources, tokenizer, valid_fraction, root, progress)
     per_split = {"train": [str(train)], **({"valid": [str(valid)]} if valid is not None else {})}
     # valid: one epoch (None), never repeated to reach a count; max_valid cuts it afterwards
-    tr, va, _ = build_gpt_datasets(blend_per_split=per_split, split=None, seq_length=seq_length,
-                                   train_samples=train_samples, valid_samples=None if valid is not None else 0,
-                                   seed=seed, tokenizer=tokenizer, cache_dir=root / "indices")
+    try:
+        tr, va, _ = build_gpt_datasets(blend_per_split=per_split, split=None, seq_length=seq_length,
+                                       train_samples=train_samples, valid_samples=None if valid is not None else 0,
+                                       seed=seed, tokenizer=tokenizer, cache_dir=root / "indices")
+    except DataError as e:  # name the user's files, not only the cache prefix they were tokenized into
+        named = ", ".join(map(str, sources)) if sources else "the default corpus"
+        raise DataError(f"{named}: {e}") from None
     valid_rows = va.rows(max_valid) if va is not None else torch.empty(0, seq_length + 1, dtype=torch.long)
     return tr, valid_rows

@@ -32,11 +32,18 @@ class RecipeConfigError(ConfigError):
 
 @dataclass
 class DataSection:
+    """Text files (tokenized once into the indexed format, in the cache) or Megatron indexed datasets
+    (`blend` with `split`, or `blend_per_split`), both read through megatron-core's GPTDataset."""
+
     text_files: list = field(default_factory=list)
+    blend: list | None = None  # [w, prefix, w, prefix, ...] or [prefix, ...] (Megatron-LM's layout)
+    blend_per_split: dict | None = None  # {train: blend, valid: blend[, test: blend]}
+    split: str = "969,30,1"  # with `blend`: each dataset's documents cut into train / valid / test
     seq_length: int = 256
-    valid_fraction: float = 0.1
-    max_train_sequences: int | None = None
+    valid_fraction: float = 0.1  # text files: the held-out share of each source
     max_valid_sequences: int | None = 64
+    seed: int = 1234
+    index_cache: str | None = None  # where tokenized text and GPTDataset indices go (default: the user cache)
 
 
 @dataclass

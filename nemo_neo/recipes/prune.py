@@ -8,12 +8,13 @@ from pathlib import Path
 from nemo_neo.checkpoint.hf_io import CheckpointError, copy_tokenizer_files, has_tokenizer
 from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import load_full_state, save_full_state
-from nemo_neo.data.dataset import load_token_rows
+from nemo_neo.data.from_text import indexed_from_text
 from nemo_neo.parallel import initialize
 from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.prune.depth import drop_layers
 from nemo_neo.prune.importance import ImportanceConfig, compute_importance, load_scores, save_scores
 from nemo_neo.prune.width import prune_width, pruned_arch
+from nemo_neo.recipes.default_teacher import cache_root
 from nemo_neo.recipes.depth_search import loss_metric, search_depth, task_metric, write_report
 
 WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
@@ -26,8 +27,9 @@ def _calibration_rows(ckpt, calib_data, seq_length: int, num_samples: int):
         raise CheckpointError(f"{ckpt} has no tokenizer files, so calibration text cannot be tokenized; convert the "
                               "model with its tokenizer, or pass importance scores with --scores")
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
-    train, valid = load_token_rows(calib_data or [], tokenizer, seq_length, valid_fraction=0.1, max_train=num_samples)
-    return train, valid
+    train, valid = indexed_from_text(calib_data or [], tokenizer, seq_length, train_samples=num_samples,
+                                     valid_fraction=0.1, cache_dir=cache_root() / "indexed")
+    return train.rows(num_samples), valid
 
 
 def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, calib_data=None, num_samples: int = 1024,

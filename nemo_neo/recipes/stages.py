@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from nemo_neo.checkpoint.load import build_for_context, load_model
 from nemo_neo.checkpoint.native import read_index, save_distributed
-from nemo_neo.data import default_corpus, load_token_rows
+from nemo_neo.data import build_gpt_datasets, default_corpus, indexed_from_text
 from nemo_neo.eval import validation_loss
 from nemo_neo.eval.harness import accuracies, evaluate
 from nemo_neo.export.fp8 import export_fp8
@@ -43,24 +43,31 @@ class Recipe:
         self.teacher = Path(teacher_ckpt)
         self._rows = None
 
-    # --- data: tokenized once (cached across runs), identical on every rank ------------------------
+    # --- data: indexed once (cached across runs), read through megatron-core on every rank ----------
     def rows(self):
+        """(train samples, validation rows): text files are tokenized once into the indexed format
+        (held-out documents never in training), or Megatron indexed datasets are blended; both come
+        back through megatron-core's GPTDataset. Collective: every rank calls it (one builder per node)."""
         if self._rows is None:
             from transformers import AutoTokenizer
 
             d = self.cfg.data
             tokenizer = AutoTokenizer.from_pretrained(str(self.teacher))
-
-            def load():
-                return load_token_rows(list(d.text_files), tokenizer, d.seq_length, d.valid_fraction,
-                                       max_train=d.max_train_sequences, max_valid=d.max_valid_sequences,
-                                       cache_dir=cache_root() / "tokens")
-
-            if self.ctx.local_rank == 0:  # one process per node tokenizes; the others read its cache
-                self._rows = load()
-            _barrier(self.ctx)
-            if self._rows is None:
-                self._rows = load()
+            # enough samples for the longest training stage; each stage reads from the first sample on
+            samples = max(t.steps * t.global_batch_size for t in (self.cfg.correct.train, self.cfg.distill.train))
+            cache = Path(d.index_cache) if d.index_cache else cache_root() / "indexed"
+            if d.blend or d.blend_per_split:
+                train, valid, _ = build_gpt_datasets(d.blend, d.blend_per_split, d.split if d.blend else None,
+                                                     seq_length=d.seq_length, train_samples=samples,
+                                                     valid_samples=None, seed=d.seed, tokenizer=tokenizer,
+                                                     cache_dir=cache / "indices")
+                valid = valid.rows(d.max_valid_sequences) if valid is not None else torch.empty(0, d.seq_length + 1,
+                                                                                                dtype=torch.long)
+            else:
+                train, valid = indexed_from_text(list(d.text_files), tokenizer, d.seq_length, train_samples=samples,
+                                                 valid_fraction=d.valid_fraction, max_valid=d.max_valid_sequences,
+                                                 seed=d.seed, cache_dir=cache)
+            self._rows = (train, valid)
         return self._rows
 
     # --- which checkpoint each stage starts from ----------------------------------------------------
@@ -107,7 +114,8 @@ class Recipe:
         report = prune_checkpoint(source, out, dict(p.target or {}), drop=list(p.drop_layers or []) or None,
                                   num_samples=importance.num_samples, importance=importance,
                                   depth_metric=p.depth_metric, task_limit=p.task_limit, data_dir=p.data_dir,
-                                  overwrite=True, ctx=self.ctx, calib_rows=train, valid_rows=valid)
+                                  overwrite=True, ctx=self.ctx, calib_rows=train.rows(importance.num_samples),
+                                  valid_rows=valid)
         if p.random_init:  # baseline: the pruned shape with fresh weights
             report["random_init"] = self._reinitialize(out)
         report["checkpoint"] = str(out)

@@ -65,7 +65,7 @@ from nemo_neo.prune import drop_layers_checkpoint
 from nemo_neo.recipes import config as rc
 from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
 from nemo_neo.train.loop import TrainConfig, Trainer
-from nemo_neo.train.optim import OptimConfig, optimizer_state_report
+from nemo_neo.train.optim import LR_DECAY_STYLES, OptimConfig, optimizer_state_report
 
 METHODS = ("fft", "lora", "kd_lora")
 CONFIG_NAME = "glue_kd_lora"
@@ -94,6 +94,12 @@ class StageConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     save_every: int | None = None  # checkpoint every N steps (None: at the end only); a rerun resumes
+
+    def __post_init__(self):
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ConfigError(f"lr_decay_style={self.lr_decay_style!r}: use one of {list(LR_DECAY_STYLES)}")
+        if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
+            raise ConfigError(f"batch_size={self.batch_size} and micro_batch_size={self.micro_batch_size} must be >= 1")
 
     def num_steps(self, num_examples: int) -> int:
         if self.max_steps is not None:

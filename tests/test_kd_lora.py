@@ -169,6 +169,12 @@ def test_run_task_rejects_bad_input(tmp_path, monkeypatch):
     assert train_config({"lr_decay_style": "linear"}, "distill.train").optim.lr_decay_style == "linear"
     with pytest.raises(ConfigError, match="lr_decay_style"):
         train_config({"lr_decay_style": "step"}, "distill.train")
+    from types import SimpleNamespace
+
+    from nemo_neo.peft.label_words import LabelWordClassifier
+    tp2 = SimpleNamespace(config=SimpleNamespace(tensor_model_parallel_size=2, pipeline_model_parallel_size=1))
+    with pytest.raises(ConfigError, match="TP=2"):
+        LabelWordClassifier(tp2, [1, 2])
     with pytest.raises(ConfigError, match="run_dir is not set"):
         K.run_task("SST-2", "lora", glue_root=str(GLUE), student_ckpt="x")
     for var in (K.GLUE_ENV, K.SHARED_DATA_ENV):

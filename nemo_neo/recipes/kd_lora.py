@@ -19,7 +19,8 @@ decay to 0, no warm-up), its data-parallel sampler, checkpoints with exact resum
 command), TensorBoard scalars, progress bar and the non-finite-loss stop. Frozen base weights get
 no gradients and no optimizer state. Teacher soft labels are computed once over the training set
 after its fine-tuning (eval mode, as the reference implementation does with `trainer.predict`).
-TP = PP = 1: the label-word head reads whole vocabulary rows (data parallelism works).
+TP = PP = 1: the label-word head reads whole vocabulary rows (a ConfigError otherwise). Data
+parallelism goes through the Trainer's sampler; it is not exercised by this recipe's tests.
 
 Config: conf/glue_kd_lora.yaml, composed by hydra (`main`; see `load_config`).
 """
@@ -244,6 +245,9 @@ def run_task(task: str = "SST-2", method: str = "kd_lora", config: KDLoRATaskCon
         raise ConfigError("run_dir is not set: give run_dir=<dir> (training checkpoints, TensorBoard, metrics.json)")
     if ctx is None:
         ctx = initialize()
+    if ctx.tp_size != 1 or ctx.pp_size != 1:
+        raise ConfigError(f"KD-LoRA's label-word classifier runs at TP = PP = 1 (this run: TP={ctx.tp_size}, "
+                          f"PP={ctx.pp_size}); use data parallelism alone")
     teacher_ckpt = cfg.teacher_ckpt
     if teacher_ckpt is None and (cfg.method == "kd_lora" and not cfg.finetuned_teacher_ckpt or cfg.student_ckpt is None):
         teacher_ckpt = default_teacher_checkpoint()
@@ -311,9 +315,9 @@ def run_task(task: str = "SST-2", method: str = "kd_lora", config: KDLoRATaskCon
                                        label_ids, cfg.student, cfg.seed, run_dir / f"{cfg.method}_train",
                                        name=cfg.method, kd=kd, tokenizer_src=student_ckpt)
     result["student_after"] = ev(student)
+    if cfg.save_models and cfg.method != "fft":
+        save_adapters(run_dir / "adapters.safetensors", student, s_arch, ctx, cfg.lora)  # collective
     if ctx.is_main:
-        if cfg.save_models and cfg.method != "fft":
-            save_adapters(run_dir / "adapters.safetensors", student, s_arch, ctx, cfg.lora)
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -340,7 +344,10 @@ def load_config(argv=None) -> KDLoRATaskConfig:
             composed = compose(args.config_name, overrides=args.overrides)
         values = OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"{args.config_name} config: {e}".replace("\n", " ")) from None
+        message = str(e).replace("\n", " ")
+        if "Could not override" in message:  # hydra's hint (append with +key) would only fail later, by name
+            message = message.split(". To append")[0] + f": no such key in {args.config_name}.yaml"
+        raise ConfigError(f"{args.config_name} config: {message}") from None
     return build_task_config(values)
 
 

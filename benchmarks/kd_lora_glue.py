@@ -12,17 +12,19 @@ Metrics are the papers': accuracy (SST-2, RTE), F1 (MRPC), Matthews correlation 
 dev sets. CPU budget: the training sets are cut to --train-limit examples and every stage runs a
 fixed number of steps (batch 16), so these are small-budget numbers, not the paper's 3 epochs.
 
-    python benchmarks/kd_lora_glue.py [--root runs/kd_lora_glue] [--tasks RTE,MRPC,CoLA,SST-2]
+    python benchmarks/kd_lora_glue.py [--glue DIR (default $NEMO_NEO_SHARED_DATA/glue)] [--root runs/kd_lora_glue] [--tasks ...]
         [--train-limit 1024] [--teacher-steps 64] [--student-steps 64] [--max-length 128]
 
 Every finished (task, method) keeps its <root>/<task>/<method>/metrics.json and is skipped on a
-rerun; <root>/glue.json, glue.md and glue.png are rewritten after every run.
+rerun; an interrupted one resumes from its training checkpoints (<root>/<task>/<method>/*_train/,
+the shared Trainer's); <root>/glue.json, glue.md and glue.png are rewritten after every run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +110,9 @@ def plot(rows: list[dict], out: Path) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=REPO / "runs" / "kd_lora_glue")
-    p.add_argument("--glue", type=Path, default=REPO.parent / "shared" / "data" / "glue")
+    shared = os.environ.get("NEMO_NEO_SHARED_DATA")
+    p.add_argument("--glue", type=Path, default=Path(shared) / "glue" if shared else None, required=not shared,
+                   help="GLUE root (<root>/<TASK>/{train,dev}.tsv); default $NEMO_NEO_SHARED_DATA/glue")
     p.add_argument("--tasks", default="RTE,MRPC,CoLA,SST-2")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--train-limit", type=int, default=1024)

@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from nemo_neo.errors import ConfigError
+
 csv.field_size_limit(1 << 24)
 
 
@@ -62,7 +64,7 @@ _ALIASES = {k.lower().replace("-", ""): k for k in TASKS}
 def get_task(name: str) -> GlueTask:
     key = _ALIASES.get(str(name).lower().replace("-", "").replace("_", ""))
     if key is None:
-        raise ValueError(f"unknown GLUE task {name!r}; choose one of {list(TASKS)}")
+        raise ConfigError(f"unknown GLUE task {name!r}; choose one of {list(TASKS)}")
     return TASKS[key]
 
 

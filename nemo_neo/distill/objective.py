@@ -16,7 +16,7 @@ from nemo_neo.train.schedule import run_microbatches
 CE_ONLY = KDLossConfig(kind="ce_kl", alpha=1.0)
 
 
-def _schedule_outputs(out):
+def schedule_outputs(out):
     """KDLossOutput -> what megatron's schedule takes with calculate_per_token_loss: (sum, int count, report)."""
     tokens = out.num_tokens.round().to(torch.int)
     return out.loss_sum, tokens, {"loss_sum": out.loss_sum.detach().clone(), "tokens": tokens.clone()}
@@ -45,7 +45,7 @@ def kd_loss_fn(config: KDLossConfig, tp_group=None):
 
     def loss_fn(outputs, batch):
         student_out, teacher_out = outputs
-        return _schedule_outputs(pair_loss(student_out, teacher_out, config, batch, tp_group))
+        return schedule_outputs(pair_loss(student_out, teacher_out, config, batch, tp_group))
 
     return loss_fn
 
@@ -55,7 +55,7 @@ def lm_loss_fn(tp_group=None, chunk_tokens="auto"):
     ce = KDLossConfig(kind="ce_kl", alpha=1.0, chunk_tokens=chunk_tokens)
 
     def loss_fn(logits, batch):
-        return _schedule_outputs(distillation_loss(logits, logits.detach(), ce, labels=batch["labels"],
+        return schedule_outputs(distillation_loss(logits, logits.detach(), ce, labels=batch["labels"],
                                                    loss_mask=batch.get("loss_mask"), tp_group=tp_group))
 
     return loss_fn
@@ -74,7 +74,7 @@ def kd_with_correction_loss_fn(config: KDLossConfig, tp_group=None, chunk_tokens
         student_out, teacher_out = outputs
         kd = pair_loss(student_out, _detached(teacher_out), config, batch, tp_group)
         ce = pair_loss(teacher_out, None, teacher_ce, batch, tp_group)
-        loss_sum, tokens, report = _schedule_outputs(kd)
+        loss_sum, tokens, report = schedule_outputs(kd)
         report["teacher_loss_sum"] = ce.loss_sum.detach().clone()
         return loss_sum + ce.loss_sum, tokens, report
 

@@ -18,6 +18,7 @@ import contextlib
 import torch
 
 from nemo_neo.data.glue import GlueTask, compute_metrics
+from nemo_neo.errors import ConfigError, DataError
 
 
 def load_tokenizer(ckpt):
@@ -100,10 +101,18 @@ def _label_word_head(model, last_idx: torch.Tensor, label_ids: list[int]):
         del layer.forward
 
 
+def check_single_stage(model) -> None:
+    """The label-word head reads whole vocabulary rows at the last stage's hidden states: TP = PP = 1."""
+    tp = getattr(model.config, "tensor_model_parallel_size", 1)
+    pp = getattr(model.config, "pipeline_model_parallel_size", 1)
+    if tp != 1 or pp != 1:
+        raise ConfigError(f"the label-word classifier runs at tensor_parallel = pipeline_parallel = 1 (got TP={tp}, "
+                          f"PP={pp}); use data parallelism alone (torchrun --nproc_per_node N) for more processes")
+
+
 def class_logits(model, input_ids: torch.Tensor, last_idx: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
     """[b, C] class logits: LM logits at each row's last prompt token, at the label words."""
-    if getattr(model.config, "tensor_model_parallel_size", 1) != 1 or getattr(model.config, "pipeline_model_parallel_size", 1) != 1:
-        raise ValueError("the label-word classifier runs single-process (TP = PP = 1)")
+    check_single_stage(model)
     device = next(model.parameters()).device
     with _label_word_head(model, last_idx, label_ids):
         out = model(input_ids.to(device), position_ids=None, attention_mask=None)
@@ -132,3 +141,76 @@ def predict_logits(model, encoded, label_ids, batch_size: int, pad_id: int) -> t
 def evaluate(model, task: str, encoded, labels, label_ids, batch_size: int, pad_id: int) -> dict:
     preds = predict_logits(model, encoded, label_ids, batch_size, pad_id).argmax(-1).tolist()
     return compute_metrics(task, preds, labels)
+
+
+class ClassifierExamples:
+    """Encoded prompts with their labels (and a teacher's class logits) as a training set for
+    `nemo_neo.train.loop.Trainer`: `examples[index_tensor]` is the micro-batch dict
+
+        input_ids [b, s] (right-padded), last_index [b] (each row's last prompt token, carried
+        explicitly: the pad id may be a real token), labels [b], teacher_logits [b, C] (if given).
+    """
+
+    def __init__(self, encoded: list[list[int]], labels: list[int], pad_id: int,
+                 teacher_logits: torch.Tensor | None = None):
+        if len(encoded) != len(labels):
+            raise DataError(f"{len(encoded)} prompts but {len(labels)} labels")
+        if teacher_logits is not None and teacher_logits.shape[0] != len(encoded):
+            raise DataError(f"teacher logits for {teacher_logits.shape[0]} examples, but {len(encoded)} prompts")
+        self.encoded, self.pad_id = encoded, pad_id
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.teacher_logits = None if teacher_logits is None else teacher_logits.float()
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        ids, last = collate([self.encoded[i] for i in index.tolist()], self.pad_id)
+        batch = {"input_ids": ids, "last_index": last, "labels": self.labels[index]}
+        if self.teacher_logits is not None:
+            batch["teacher_logits"] = self.teacher_logits[index]
+        return batch
+
+
+class LabelWordClassifier(torch.nn.Module):
+    """A GPT (TP = PP = 1) as the module megatron-core's DDP and schedule drive: forward returns the
+    [b, C] class logits (`class_logits`) at `last_index`, which the Trainer passes from the batch
+    (`batch_inputs`). The GPT stays `self.lm`; checkpoints are written from it alone."""
+
+    batch_inputs = ("last_index",)
+
+    def __init__(self, lm: torch.nn.Module, label_ids: list[int]):
+        super().__init__()
+        check_single_stage(lm)
+        self.lm = lm
+        self.label_ids = list(label_ids)
+        self.config = lm.config  # megatron's schedule reads the model's config
+
+    # --- what megatron-core's schedule and finalize_model_grads ask of a model -------------------
+    @property
+    def model_type(self):
+        return self.lm.model_type
+
+    @property
+    def pre_process(self):
+        return self.lm.pre_process
+
+    @property
+    def post_process(self):
+        return self.lm.post_process
+
+    @property
+    def share_embeddings_and_output_weights(self):
+        return self.lm.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.lm.shared_embedding_or_output_weight()
+
+    def set_input_tensor(self, input_tensor):
+        self.lm.set_input_tensor(input_tensor)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None, last_index=None):
+        if last_index is None:
+            raise ValueError("LabelWordClassifier needs last_index (each row's last prompt token)")
+        return class_logits(self.lm, input_ids, last_index, self.label_ids)

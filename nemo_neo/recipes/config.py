@@ -9,10 +9,13 @@ never the raw DictConfig.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+import nemo_neo
 from nemo_neo.distill.losses import KDLossConfig
 from nemo_neo.errors import ConfigError
 from nemo_neo.parallel import ParallelConfig
@@ -23,6 +26,7 @@ from nemo_neo.train.loop import TrainConfig
 from nemo_neo.train.optim import OptimConfig
 
 STAGES = ("correct", "prune", "distill", "evaluate", "export")
+CONF_DIR_ENV = "NEMO_NEO_CONF_DIR"
 CORRECTION_MODES = ("full", "lora")
 
 
@@ -117,8 +121,42 @@ class RecipeConfig:
     export: ExportSection
 
 
+def source_checkout() -> Path | None:
+    """The source checkout nemo_neo is imported from (the directory whose pyproject.toml declares
+    nemo_neo, above the package), or None for an installed wheel."""
+    for parent in Path(nemo_neo.__file__).resolve().parents:
+        project = parent / "pyproject.toml"
+        if project.is_file() and 'name = "nemo_neo"' in project.read_text(errors="replace"):
+            return parent
+    return None
+
+
+def conf_dir(explicit=None) -> Path:
+    """The hydra config directory: `explicit` (a --config-dir option), else $NEMO_NEO_CONF_DIR, else
+    the conf/ of the source checkout nemo_neo runs from. The one place that locates conf/."""
+    if explicit:
+        path, how = Path(explicit), "--config-dir"
+    elif os.environ.get(CONF_DIR_ENV):
+        path, how = Path(os.environ[CONF_DIR_ENV]), f"${CONF_DIR_ENV}"
+    else:
+        checkout = source_checkout()
+        if checkout is None:
+            raise RecipeConfigError(f"no config directory: nemo_neo is not running from a source checkout; pass "
+                                    f"--config-dir DIR (a copy of the repository's conf/) or set {CONF_DIR_ENV}")
+        path, how = checkout / "conf", "the source checkout"
+    if not path.is_dir():
+        raise RecipeConfigError(f"config directory {path} (from {how}) does not exist; pass --config-dir DIR "
+                                f"or set {CONF_DIR_ENV} to the repository's conf/")
+    return path.resolve()
+
+
 def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+
+
+def build_dataclass(cls, values: dict, where: str):
+    """`cls(**values)`, or one RecipeConfigError naming an unknown key (with the known ones) or a bad value."""
+    return _build(cls, values, where)
 
 
 def _build(cls, values: dict, where: str):

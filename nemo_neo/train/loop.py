@@ -3,7 +3,7 @@
 One optimizer step = one global batch: each data-parallel rank runs its micro-batches through the
 (pipelined) model with megatron-core's schedule, gradients are reduced (DP, tied embeddings) and
 scaled to a mean over all counted tokens of the global batch, clipped by the global norm, and
-AdamW steps under a cosine schedule. Progress bar (loss, tokens/s, ETA), TensorBoard scalars,
+AdamW steps under a cosine (or linear) schedule. Progress bar (loss, tokens/s, ETA), TensorBoard scalars,
 periodic validation and checkpoints; a rerun resumes from the latest checkpoint with identical data
 order and RNG; a non-finite loss stops the run before anything is saved over the last good
 checkpoint.
@@ -54,7 +54,13 @@ def peak_memory_bytes() -> int:
 
 
 class Trainer:
-    """Train `model` (this rank's stage: a GPT stage or a DistillationPair) on packed token rows.
+    """Train `model` (this rank's stage: a GPT stage, a DistillationPair, a classifier wrapper) on a
+    training set: packed token rows `[n, s + 1]` by default, or any indexable set of examples.
+
+    train_data: anything with `len(train_data)` and `train_data[index_tensor]` (the examples of one
+    micro-batch); `collate_fn` turns that into the micro-batch dict (default `collate`, for packed
+    token rows; None when `train_data[index_tensor]` is the micro-batch dict already). The micro-batch's "input_ids" go to the model, and so do the entries the model names
+    in its `batch_inputs` attribute (as keyword arguments, e.g. a classifier's per-row token index).
 
     loss_fn(output, batch) -> (loss_sum, num_tokens:int tensor, report) on the last stage; the
     gradient is that of sum(loss_sum) / sum(num_tokens) over the global batch.
@@ -64,28 +70,30 @@ class Trainer:
     resume restores both. lr_overrides: see `build_optimizer`.
     """
 
-    def __init__(self, ctx: ParallelContext, model, arch, loss_fn: Callable, train_rows: torch.Tensor, cfg: TrainConfig,
+    def __init__(self, ctx: ParallelContext, model, arch, loss_fn: Callable, train_data, cfg: TrainConfig,
                  run_dir, name: str, evaluate: Callable | None = None, tokenizer_src=None,
                  checkpoint_module: torch.nn.Module | None = None, adjust_tensor_shapes_fn=None,
-                 lr_overrides: dict | None = None, companion: tuple | None = None):
+                 lr_overrides: dict | None = None, companion: tuple | None = None,
+                 collate_fn: Callable | None = collate):
 
         self.ctx, self.arch, self.cfg, self.name = ctx, arch, cfg, name
         self.loss_fn, self.evaluate, self.tokenizer_src = loss_fn, evaluate, tokenizer_src
         self.adjust = adjust_tensor_shapes_fn
         self.run_dir = Path(run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.train_rows = train_rows
+        self.train_data, self.collate_fn = train_data, collate_fn
+        self.batch_inputs = tuple(getattr(model, "batch_inputs", ()))
         model.config.calculate_per_token_loss = True  # mean over all tokens of the global batch
         self.model = model
         self.saved_module = checkpoint_module or model  # e.g. the student of a DistillationPair
         self.ddp = wrap_ddp(model)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, cfg.optim, cfg.steps, lr_overrides)
         self.companion = companion
-        # train_rows: an int64 [n, seq + 1] tensor, or any object with len, .shape and row-gather
-        # (nemo_neo.data.indexed.TokenSamples), which says when it is already shuffled
-        self.sampler = DistributedBatchSampler(len(train_rows), cfg.global_batch_size, cfg.micro_batch_size,
+        # train_data: an int64 [n, seq + 1] tensor, or any indexable set (len, gather) such as
+        # nemo_neo.data.indexed.TokenSamples, which says when it is already shuffled
+        self.sampler = DistributedBatchSampler(len(train_data), cfg.global_batch_size, cfg.micro_batch_size,
                                                ctx.dp_rank, ctx.dp_size, cfg.seed,
-                                               shuffle=not getattr(train_rows, "pre_shuffled", False))
+                                               shuffle=not getattr(train_data, "pre_shuffled", False))
         self.history: list[dict] = []
         self.writer = None
         if ctx.is_main:
@@ -94,7 +102,9 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _microbatches(self, indices_per_micro):
-        return [{k: v.to(self.ctx.device) for k, v in collate(self.train_rows[idx]).items()} for idx in indices_per_micro]
+        collate_fn = self.collate_fn or (lambda batch: batch)
+        return [{k: v.to(self.ctx.device) for k, v in collate_fn(self.train_data[idx]).items()}
+                for idx in indices_per_micro]
 
     def _log(self, step: int, metrics: dict) -> None:
         record = {"step": step, **metrics}
@@ -134,15 +144,17 @@ class Trainer:
         # closed on any exit, so that an error line starts on a line of its own
         with tqdm(total=cfg.steps, initial=start, desc=self.name, unit="step", disable=not ctx.is_main,
                   dynamic_ncols=True) as bar:
-            tokens_per_step = cfg.global_batch_size * (self.train_rows.shape[1] - 1)
             metrics: dict = {}
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 self.ddp.train()
                 self.ddp.zero_grad_buffer()
                 self.optimizer.zero_grad()
-                reports = run_microbatches(self.ddp, self._microbatches(next(batches)), self.loss_fn,
-                                           adjust_tensor_shapes_fn=self.adjust)
+                microbatches = self._microbatches(next(batches))
+                # input tokens of the global batch (this rank's micro-batches, times the DP ranks)
+                tokens_per_step = ctx.dp_size * sum(b["input_ids"].numel() for b in microbatches)
+                reports = run_microbatches(self.ddp, microbatches, self.loss_fn, adjust_tensor_shapes_fn=self.adjust,
+                                           forward_keys=self.batch_inputs)
                 # loss_sum / tokens is the loss; the "<name>_sum"s a loss_fn declares in `extra_sums` are logged
                 # per token too (declared, not read from reports: stages without the loss must reduce as many)
                 extra = list(getattr(self.loss_fn, "extra_sums", ()))

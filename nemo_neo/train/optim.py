@@ -1,4 +1,4 @@
-"""AdamW + cosine schedule with warm-up and min LR, from megatron-core.
+"""AdamW + a cosine (or linear) schedule with warm-up and min LR, from megatron-core.
 
 megatron-core's optimizer wrapper computes the gradient norm over all TP/PP ranks (so clipping is
 identical at any layout), keeps fp32 master weights for bf16 training, and is the distributed
@@ -9,6 +9,10 @@ OptimizerParamScheduler; both have state dicts for resume.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from nemo_neo.errors import ConfigError
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
 
 
 @dataclass
@@ -22,6 +26,11 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
+    lr_decay_style: str = "cosine"  # megatron's OptimizerParamScheduler: cosine | linear | constant
+
+    def __post_init__(self):
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ConfigError(f"lr_decay_style={self.lr_decay_style!r}: use one of {list(LR_DECAY_STYLES)}")
 
 
 def build_optimizer(ddp_model, cfg: OptimConfig, total_steps: int, lr_overrides: dict | None = None):
@@ -58,7 +67,7 @@ def build_optimizer(ddp_model, cfg: OptimConfig, total_steps: int, lr_overrides:
         min_lr=cfg.min_lr,
         lr_warmup_steps=warmup,
         lr_decay_steps=max(total_steps, warmup + 1),
-        lr_decay_style="cosine",
+        lr_decay_style=cfg.lr_decay_style,
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
         wd_incr_steps=max(total_steps, 1),
@@ -69,3 +78,11 @@ def build_optimizer(ddp_model, cfg: OptimConfig, total_steps: int, lr_overrides:
 
 def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
+
+
+def optimizer_state_report(optimizer) -> dict:
+    """How many parameters carry optimizer state, and how many state tensors they hold (over the
+    torch optimizers inside megatron's wrapper, chained or not)."""
+    inner = [getattr(o, "optimizer", o) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    states = [s for o in inner for s in o.state.values()]
+    return {"optimizer_params": len(states), "optimizer_state_tensors": sum(len(s) for s in states)}

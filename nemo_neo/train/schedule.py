@@ -35,8 +35,10 @@ def run_microbatches(
     forward_only: bool = False,
     pass_labels: bool = False,
     adjust_tensor_shapes_fn: Callable | None = None,
+    forward_keys: tuple = (),
 ) -> list[dict]:
-    """Forward (and backward unless `forward_only`) every micro-batch through the pipeline."""
+    """Forward (and backward unless `forward_only`) every micro-batch through the pipeline.
+    `forward_keys`: micro-batch entries passed to the model as keyword arguments besides input_ids."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
@@ -50,7 +52,8 @@ def run_microbatches(
     def forward_step(data_iterator, stage_model):
         batch = next(data_iterator)
         labels = batch.get("labels") if pass_labels else None
-        output = stage_model(batch["input_ids"], position_ids=None, attention_mask=None, labels=labels)
+        extra = {k: batch[k] for k in forward_keys}
+        output = stage_model(batch["input_ids"], position_ids=None, attention_mask=None, labels=labels, **extra)
         return output, lambda out: loss_fn(out, batch)
 
     forward_backward = get_forward_backward_func()

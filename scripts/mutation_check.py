@@ -43,21 +43,21 @@ class Mutation:
 
 
 # The fastest tests that catch each mutation (all are in the default suite).
-LOSS = ("tests/test_distill_losses.py::test_single_process_matches_functional_formula",)
-LOSS_TP2 = ("tests/test_distill_losses.py", "-k", "tp2_matches")
-DP_MEAN = ("tests/test_distill_losses.py", "-k", "global_token_mean")
-IMP = ("tests/test_reference_importance.py",)
-IMP_TP = ("tests/test_prune.py::test_scores_under_tp_pp_equal_tp1",)
-WIDTH = ("tests/test_reference_prune.py::test_width_pruning_equals_hand_surgery_on_hf_tensors",)
-DEPTH = ("tests/test_reference_prune.py::test_dropping_layers_equals_deleting_them_in_transformers",)
-LORA = ("tests/test_reference_lora.py",)
-LORA_TP2 = ("tests/test_peft.py::test_lora_tp2_equals_tp1",)
-LORA_INIT = ("tests/test_reference_train_state.py::test_lora_init_matches_peft_and_starts_at_the_base_model",)
-LR = ("tests/test_reference_train_state.py::test_lr_schedule_matches_closed_form",)
-RESUME = ("tests/test_reference_train_state.py::test_resume_restores_every_piece_of_state",)
-SAMPLER = ("tests/test_data.py", "-k", "sampler or ranks_are_disjoint or dp_layout or same_seed or resume_continues or epochs_wrap")
-PARALLEL = ("tests/test_parallel.py::test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2",)
-ATOMIC = ("tests/test_bad_input.py", "-k", "failure_during_write or existing_output or umask")
+LOSS = ("tests/distill/test_distill_losses.py::test_single_process_matches_functional_formula",)
+LOSS_TP2 = ("tests/distill/test_distill_losses.py", "-k", "tp2_matches")
+DP_MEAN = ("tests/distill/test_distill_losses.py", "-k", "global_token_mean")
+IMP = ("tests/prune/test_reference_importance.py",)
+IMP_TP = ("tests/prune/test_prune.py::test_scores_under_tp_pp_equal_tp1",)
+WIDTH = ("tests/prune/test_reference_prune.py::test_width_pruning_equals_hand_surgery_on_hf_tensors",)
+DEPTH = ("tests/prune/test_reference_prune.py::test_dropping_layers_equals_deleting_them_in_transformers",)
+LORA = ("tests/peft/test_reference_lora.py",)
+LORA_TP2 = ("tests/peft/test_peft.py::test_lora_tp2_equals_tp1",)
+LORA_INIT = ("tests/train/test_reference_train_state.py::test_lora_init_matches_peft_and_starts_at_the_base_model",)
+LR = ("tests/train/test_reference_train_state.py::test_lr_schedule_matches_closed_form",)
+RESUME = ("tests/train/test_reference_train_state.py::test_resume_restores_every_piece_of_state",)
+SAMPLER = ("tests/data/test_data.py", "-k", "sampler or ranks_are_disjoint or dp_layout or same_seed or resume_continues or epochs_wrap")
+PARALLEL = ("tests/parallel/test_parallel.py::test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2",)
+ATOMIC = ("tests/checkpoint/test_bad_input.py", "-k", "failure_during_write or existing_output or umask")
 
 L, VP, IM = "nemo_neo/distill/losses.py", "nemo_neo/distill/vocab_parallel.py", "nemo_neo/prune/importance.py"
 

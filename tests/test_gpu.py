@@ -9,7 +9,7 @@ stored outputs, so no real weights are needed.
 * forward parity: our megatron-core GPT in fp32 / bf16 vs transformers' LlamaForCausalLM in fp64
   (same weights) on the GPU;
 * distillation losses on CUDA (chunked, fp32 and bf16 logits) vs the torch.nn.functional formulas
-  of tests/test_distill_losses.py in fp64;
+  of tests/distill/test_distill_losses.py in fp64;
 * under `torchrun --nproc_per_node 1` (NCCL), this file run as a worker: one fp32 KD step whose loss
   and student gradients must equal transformers + the formula in fp64; bf16 KD training with
   checkpoint save / load / resume; LLM-Neo (KD into LoRA adapters) training;

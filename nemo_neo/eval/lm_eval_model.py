@@ -8,7 +8,7 @@ works; on the command line use `python -m nemo_neo.cli.eval ...` (lm-eval has no
 discovery for external models: its `--model` names come from its own registry, which this import
 fills). Tokenisation, context/continuation splitting, truncation, rolling windows and stop
 sequences follow lm-eval's `hf` model (`HFLM`) step by step, so the same checkpoint exported to
-Hugging Face scores the same under `--model hf` (tests/test_eval_lm.py checks it per document).
+Hugging Face scores the same under `--model hf` (tests/eval/test_eval_lm.py checks it per document).
 
 Under torchrun every process is given every request (lm-eval sees rank 0 of a world of 1); the
 model-parallel ranks compute together and data-parallel replicas split the batches internally

@@ -12,7 +12,7 @@ vLLM and SGLang load directly. `kv_cache_fp8` also calibrates the K/V projection
 records kv_cache_quant_algo FP8 (TensorRT-LLM then keeps an FP8 KV cache).
 
 modelopt runs this on CPU too (slowly: calibration is plain forward passes with fake-quant),
-so the format and accuracy checks in tests/test_export_fp8.py run without a GPU.
+so the format and accuracy checks in tests/export/test_export_fp8.py run without a GPU.
 """
 
 from __future__ import annotations

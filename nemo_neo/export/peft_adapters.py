@@ -1,7 +1,7 @@
 """Export nemo_neo LoRA / MoSLoRA adapters in peft's format, for the HF export of the base model.
 
 `peft.PeftModel.from_pretrained(<HF base>, out)` loads the result and gives the same logits as the
-nemo_neo model with its adapters (tests/test_reference_lora.py).
+nemo_neo model with its adapters (tests/peft/test_reference_lora.py).
 
 How megatron's fused layers map onto peft's per-projection adapters
 ------------------------------------------------------------------

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node N tests/workers/eval_worker.py CKPT OUT.json TP PP
 
 Builds NeoLM(checkpoint=CKPT, tensor_parallel=TP, pipeline_parallel=PP) (N / (TP*PP) data-
-parallel replicas), answers the fixed request set of tests/test_eval_lm.py (loglikelihood on
+parallel replicas), answers the fixed request set of tests/eval/test_eval_lm.py (loglikelihood on
 real WinoGrande sentences, loglikelihood_rolling with short windows, greedy generate_until) and
 rank 0 writes the answers as JSON. Every rank must return the same answers: ranks compare theirs
 with rank 0's and the worker fails if any differ.

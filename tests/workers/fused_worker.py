@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/workers/fused_worker.py --out O --tp T --pp P
         [--tensors IN.pt] [--pair NAME=STUDENT_CKPT ...] --teacher T_CKPT
 
---tensors: IN.pt (from tests/test_distill_fused.py) holds full fp64 student/teacher hidden states and
+--tensors: IN.pt (from tests/distill/test_distill_fused.py) holds full fp64 student/teacher hidden states and
     output weights, labels, loss_mask, the cases {name: KDLossConfig kwargs} and chunk sizes. Every
     rank of the TP group takes its contiguous vocab shard of both weights and computes the fused loss;
     the weight-gradient shards are all-gathered along the vocab. Written to O/tensors.pt as

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/workers/loss_worker.py --inputs IN.pt --out OUT.pt
 
-IN.pt (written by tests/test_distill_losses.py) holds the full float64 student/teacher logits
+IN.pt (written by tests/distill/test_distill_losses.py) holds the full float64 student/teacher logits
 [b, s, V], labels, loss_mask, the loss cases {name: KDLossConfig kwargs} and the chunk sizes to try.
 Every rank takes its contiguous vocab shard, computes each case's (loss_sum, num_tokens), back-
 propagates loss_sum / num_tokens, and the shard gradients are all-gathered along the vocab. Rank 0

@@ -13,17 +13,16 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from nemo_neo.distill import KDLossConfig, distillation_loss, global_token_mean
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "loss_worker.py"
 
 BATCH, SEQ, VOCAB = 3, 10, 38  # 30 tokens; VOCAB even so that TP=2 shards are 19 wide

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from nemo_neo.data import (
     DistributedBatchSampler,
@@ -24,7 +25,6 @@ from nemo_neo.data import (
 )
 from nemo_neo.data import dataset as dataset_module
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WIKITEXT = SHARED_DATA / "wikitext2_valid.txt"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 SEQ = 64

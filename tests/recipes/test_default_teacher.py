@@ -21,7 +21,7 @@ def fake_gguf(tmp_path, monkeypatch):
 
     monkeypatch.setenv("NEMO_NEO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(default_teacher, "gguf_path", lambda: gguf)
-    monkeypatch.setattr("nemo_neo.checkpoint.convert.convert_hf_to_neo", convert)
+    monkeypatch.setattr(default_teacher, "convert_hf_to_neo", convert)
     return gguf, calls
 
 

@@ -170,7 +170,11 @@ def test_teacher_corrected_in_parallel_while_student_distills(tiny_pair, tmp_pat
     assert read_json(run_dir / "correct" / "metrics.json")["mode"] == "in_parallel"
     assert read_json(run_dir / "prune" / "metrics.json")["source"] == str(tiny_pair / "teacher")  # uncorrected
     log = [json.loads(line) for line in (run_dir / "distill" / "distill_log.jsonl").read_text().splitlines()]
-    assert log[-1]["teacher_loss"] < log[0]["teacher_loss"]  # the teacher learned its LM loss meanwhile
+    # the teacher learned its LM loss meanwhile: its training loss falls (each step sees other rows, so
+    # the first and last thirds are compared, not two single batches) and so does its held-out loss below
+    third = len(log) // 3
+    mean = lambda rows: sum(r["teacher_loss"] for r in rows) / len(rows)  # noqa: E731
+    assert mean(log[-third:]) < mean(log[:third])
     models = read_json(run_dir / "evaluate" / "metrics.json")["models"]
     assert models["teacher corrected in parallel"]["loss"] < models["teacher"]["loss"]
     assert models["distilled student"]["loss"] < models["pruned student"]["loss"]

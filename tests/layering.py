@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LAYERS = (
-    ("base", ("nemo_neo", "nemo_neo.errors", "nemo_neo.optional", "nemo_neo._compat")),
+    ("base", ("nemo_neo", "nemo_neo.errors", "nemo_neo.optional", "nemo_neo._compat", "nemo_neo.chaos")),
     ("parallel", ("nemo_neo.parallel",)),
     ("models", ("nemo_neo.models",)),
     ("checkpoint", ("nemo_neo.checkpoint",)),

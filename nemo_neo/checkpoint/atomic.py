@@ -13,6 +13,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from nemo_neo import chaos
 from nemo_neo.errors import OutputExistsError, disk_write_error
 
 # errnos that mean "this filesystem will not take the write", which the user fixes (space, rights)
@@ -49,6 +50,7 @@ def tmp_path_for(out: Path) -> Path:
 def publish(tmp: Path, out: Path) -> None:
     """Move a finished temporary directory to `out`, replacing what was there."""
     _finish_files(tmp)
+    chaos.point("publish")  # a test hook, inert unless NEMO_NEO_CHAOS_KILL is set
     old = out.parent / f".{out.name}.old"
     if old.exists():
         shutil.rmtree(old)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from nemo_neo import chaos
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
 from nemo_neo.checkpoint.native import INDEX, is_neo_checkpoint
 from nemo_neo.export.hf import is_hf_dir
@@ -72,9 +73,11 @@ def run(cfg: DictConfig) -> dict:
             summary[stage] = done
             continue
         start = time.perf_counter()
+        chaos.set_stage(stage)
         metrics = getattr(recipe, stage)()
         metrics["seconds"] = round(time.perf_counter() - start, 1)
         dist.barrier()  # every rank is past the stage before it is marked finished
+        chaos.point("before_metrics")
         run_dir.finish(stage, metrics)
         dist.barrier()  # and later stages on every rank read the checkpoints it recorded
         summary[stage] = metrics

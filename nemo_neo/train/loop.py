@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from nemo_neo.checkpoint.native import load_into_model, save_distributed
+from nemo_neo import chaos
+from nemo_neo.checkpoint.native import load_into_model, read_index, save_distributed
 from nemo_neo.data.dataset import DistributedBatchSampler, collate
 from nemo_neo.errors import RunStateError
 from nemo_neo.parallel.reduce import sum_from_last_stage
@@ -95,11 +97,40 @@ class Trainer:
                                                ctx.dp_rank, ctx.dp_size, cfg.seed,
                                                shuffle=not getattr(train_data, "pre_shuffled", False))
         self.history: list[dict] = []
-        self.writer = None
-        if ctx.is_main:
+        self.writer = None  # TensorBoard, on the main rank: opened by fit(), which knows the step it resumes from
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / f"{self.name}_log.jsonl"
+
+    def _open_logs(self, start: int) -> None:
+        """Resume the records at `start`: the log keeps exactly its records of steps 1..start (a killed
+        run may have logged steps after its last checkpoint, or half a line), and the history is
+        read back from it, so that a stage killed after its last checkpoint still reports its whole
+        curve. TensorBoard purges the events of steps after `start` (purge_step)."""
+        history: list[dict] = []
+        if self.ctx.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            if start > 0 and self.log_file.is_file():
+                for line in self.log_file.read_text().splitlines():
+                    try:
+                        record = json.loads(line)
+                    except ValueError:  # a line cut short by the kill
+                        continue
+                    if record.get("step", 0) <= start:
+                        history.append(record)
+                history = list({r["step"]: r for r in history}.values())  # one per step, the last wins
+            tmp = self.log_file.with_name(f".{self.log_file.name}.tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+            os.replace(tmp, self.log_file)
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start + 1)
+        if self.ctx.world_size > 1:  # every rank returns the same history
+            box = [history]
+            torch.distributed.broadcast_object_list(box, src=0)
+            history = box[0]
+        self.history = history
 
     def _microbatches(self, indices_per_micro):
         collate_fn = self.collate_fn or (lambda batch: batch)
@@ -112,13 +143,15 @@ class Trainer:
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"{self.name}/{k}", v, step)
-            with open(self.run_dir / f"{self.name}_log.jsonl", "a") as f:
+            with open(self.log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def companion_checkpoint(self, step: int) -> Path:
         return self.ckpt_root / f"{self.companion[0]}_step_{step:07d}"
 
     def _save(self, step: int, metrics: dict) -> None:
+        if self.writer is not None:  # the events up to this checkpoint survive a kill (a resume keeps them)
+            self.writer.flush()
         if self.companion is not None:  # before the main checkpoint, whose pointer move commits both
 
             _, module, arch = self.companion
@@ -127,6 +160,7 @@ class Trainer:
         ckpt_state.save_training_checkpoint(self.ckpt_root, step, self.arch, self.saved_module, self.ctx,
                                             self.optimizer, self.scheduler, self.sampler,
                                             tokenizer_src=self.tokenizer_src, metrics=metrics)
+        chaos.point("checkpoint_saved")
 
     def fit(self) -> dict:
         cfg, ctx = self.cfg, self.ctx
@@ -138,13 +172,14 @@ class Trainer:
             if self.companion is not None:
                 _, module, arch = self.companion
                 load_into_model(self.companion_checkpoint(start), module, arch, ctx)
-        if self.writer is not None and start == 0:
-            (self.run_dir / f"{self.name}_log.jsonl").unlink(missing_ok=True)
+        self._open_logs(start)
         batches = iter(self.sampler)
         # closed on any exit, so that an error line starts on a line of its own
         with tqdm(total=cfg.steps, initial=start, desc=self.name, unit="step", disable=not ctx.is_main,
                   dynamic_ncols=True) as bar:
-            metrics: dict = {}
+            # the metrics of the step resumed from (its checkpoint records them): those of the last
+            # step when training had finished before a kill
+            metrics: dict = dict(read_index(latest)[1].get("metadata", {}).get("metrics", {})) if start else {}
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 self.ddp.train()
@@ -183,5 +218,6 @@ class Trainer:
                 if step % cfg.save_every == 0 or step == cfg.steps:
                     self._save(step, metrics)
         if self.writer is not None:
-            self.writer.flush()
+            self.writer.close()
+        chaos.point("trained")
         return {"final": metrics, "history": self.history, "resumed_from": start}

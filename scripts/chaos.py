@@ -85,7 +85,9 @@ def main() -> int:
         launches = 0
         while True:
             launches += 1
-            delay = rng.uniform(0, span) if kills < a.kills else None
+            # no kill once every stage is recorded (the process was only exiting)
+            done = landing(run_dir) == "after the last stage" if run_dir.is_dir() else False
+            delay = rng.uniform(0, span) if kills < a.kills and not done else None
             if launch(run_dir, args, a.nproc, delay):
                 break
             kills += 1

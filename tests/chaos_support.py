@@ -83,9 +83,12 @@ def landing(run: Path) -> str:
         latest = run / stage / "checkpoints" / "latest.json"
         if latest.is_file():
             where.append(f"checkpoint step {json.loads(latest.read_text())['step']}")
-        for log in (run / stage).glob("*_log.jsonl"):
+        logs = list((run / stage).glob("*_log.jsonl"))
+        for log in logs:
             lines = log.read_text().splitlines()
             where.append(f"logged step {json.loads(lines[-1])['step'] if lines else 0}")
+        if stage in ("correct", "distill") and not logs:
+            where.append("no step logged")
         saving = sorted(str(p.relative_to(run)) for p in (run / stage).rglob(".*.tmp") if p.is_dir())
         where.append(f"inside a save ({', '.join(saving)})" if saving else "not inside a save")
         return ", ".join(where)

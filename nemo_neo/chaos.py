@@ -44,7 +44,8 @@ def point(event: str) -> None:
         kill_job()
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (from /proc; torchrun starts its workers in process groups of their own)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -67,7 +68,7 @@ def kill_job() -> None:
     below it, this process last."""
     me = os.getpid()
     root = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else me
-    for pid in ([root] if root != me else []) + _descendants(root):
+    for pid in ([root] if root != me else []) + descendants(root):
         if pid != me:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -32,6 +32,7 @@ collect_ignore = [] if _nemo_llm_installed() else ["nemo"]
 SHARED_DATA = Path(os.environ.get("NEMO_NEO_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 from nemo_neo import _compat  # noqa: E402
+from nemo_neo.chaos import descendants  # noqa: E402  (used by kill_tree and the tests)
 
 _compat.enable()  # what every nemo_neo entry point does first (the suite is one)
 
@@ -184,24 +185,6 @@ def tiny_pair(hf_model_factory, tmp_path_factory, smollm2_ckpt):
             shutil.copy(smollm2_ckpt / f, tmp / name / f)
     (tmp / "corpus.txt").write_text((SHARED_DATA / "tinyshakespeare.txt").read_text()[:60000])
     return tmp
-
-
-def descendants(pid: int) -> list[int]:
-    """All processes below `pid` (torchrun starts its workers in process groups of their own)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

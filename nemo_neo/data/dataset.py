@@ -77,23 +77,34 @@ def read_utf8(path: Path) -> str:
         ) from None
 
 
+def jsonl_documents(path: Path, key: str = "text",
+                    fix: str = 'every JSON line must be an object with the document in "text".'):
+    """(line, byte length) of each non-empty `key` field of a .jsonl file, streamed line by line; a line
+    that is not UTF-8, not JSON or has no `key` is one `DataError` naming the file, the line and `fix`."""
+    offset = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 text: byte {offset + e.start} (line {line_no}) cannot be "
+                                "decoded. Pass .jsonl files in UTF-8 (e.g. convert with `iconv -t utf-8`).") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no} is not valid JSON ({e.msg}).") from None
+            if not isinstance(record, dict) or key not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise DataError(f'{path}:{line_no} has no "{key}" field (found {keys}); {fix}')
+            if record[key]:
+                yield record[key], len(raw)
+
+
 def _read_jsonl(path: Path) -> list[str]:
-    docs = []
-    for line_no, line in enumerate(read_utf8(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no} is not valid JSON ({e.msg}).") from None
-        if not isinstance(record, dict) or "text" not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(
-                f'{path}:{line_no} has no "text" field (found {keys}); every JSON line must be an '
-                'object with the document in "text".'
-            )
-        docs.append(record["text"])
-    return docs
+    return [doc for doc, _ in jsonl_documents(path)]
 
 
 def _read_hf_dataset(path: Path) -> list[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy
 
 from nemo_neo.checkpoint.atomic import OutputExistsError
-from nemo_neo.data.dataset import _check_source
+from nemo_neo.data.dataset import _check_source, jsonl_documents, read_utf8
 from nemo_neo.errors import DataError, DataFileNotFoundError
 
 SIDECAR_FORMAT = "nemo_neo.indexed/1"
@@ -101,22 +101,9 @@ def iter_documents(path: Path, json_key: str = "text") -> Iterator[tuple[str, in
             if text:
                 yield text, len(text.encode("utf-8"))
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no} is not valid JSON ({e.msg}).") from None
-                if not isinstance(record, dict) or json_key not in record:
-                    found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise DataError(f'{path}:{line_no} has no "{json_key}" field (found {found}); pass '
-                                    "--json-key <field> or fix the file.")
-                if record[json_key]:
-                    yield record[json_key], len(line)  # characters: close enough to bytes for the ETA
+        yield from jsonl_documents(path, json_key, fix="pass --json-key <field> or fix the file.")
     else:
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path)
         if text:
             yield text, path.stat().st_size
 

@@ -337,3 +337,14 @@ def test_sampler_errors_name_values_and_the_fix():
         DistributedBatchSampler(7, 8, 2, dp_rank=0, dp_size=2)
     with pytest.raises(ValueError, match=r"dp_rank must be in \[0, dp_size=2\)"):
         DistributedBatchSampler(16, 8, 2, dp_rank=2, dp_size=2)
+
+
+def test_a_jsonl_file_that_is_not_utf8_names_the_file_and_byte(tokenizer, tmp_path):
+    """Streamed .jsonl reading (the loader and the preprocess command share it): one DataError, no
+    UnicodeDecodeError traceback."""
+    from nemo_neo.errors import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl is not UTF-8 text: byte 30 \(line 2\)"):
+        load_token_rows([bad], tokenizer, SEQ)

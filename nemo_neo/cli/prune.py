@@ -41,6 +41,15 @@ def parse_layers(text: str) -> list[int]:
     return out
 
 
+def student_arch(arch, target_text: str = "", drop_text: str | None = None, tp: int = 1, pp: int = 1):
+    """(pruned arch, target dict, layers to drop) from the --target / --drop-layers texts, validated."""
+    target = parse_target(target_text or "")
+    drop = parse_layers(drop_text) if drop_text else []
+    if drop:
+        target["num_layers"] = arch.num_layers - len(check_drop_layers(arch.num_layers, drop))
+    return pruned_arch(arch, target, tp, pp), target, drop
+
+
 def meta_parameter_count(hf_config: dict) -> tuple[int, int]:
     """(total, non-embedding) parameters of the HF model built on the meta device."""
     import torch
@@ -86,15 +95,11 @@ def main(argv=None) -> int:
     enable_compat()
 
     with exit_on_user_error():
-        target = parse_target(args.target)
-        drop = parse_layers(args.drop_layers) if args.drop_layers else []
         if args.hf_config:
             arch = arch_from_hf_config(json.loads(Path(args.hf_config).read_text()))
         else:
             arch, _ = read_index(args.ckpt)
-        if drop:
-            target["num_layers"] = arch.num_layers - len(check_drop_layers(arch.num_layers, drop))
-        new = pruned_arch(arch, target, args.tp, args.pp)  # validates before any work
+        new, target, drop = student_arch(arch, args.target, args.drop_layers, args.tp, args.pp)  # validates first
         if args.dry_run:
             before, after = meta_parameter_count(arch.to_hf_config()), meta_parameter_count(new.to_hf_config())
             print(json.dumps({"original": {**describe(arch), "parameters": before[0], "non_embedding_parameters": before[1]},

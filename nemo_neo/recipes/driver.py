@@ -21,6 +21,7 @@ from nemo_neo.checkpoint.native import INDEX, is_neo_checkpoint
 from nemo_neo.export.hf import is_hf_dir
 from nemo_neo.parallel import ParallelContext, initialize
 from nemo_neo.recipes import config as rc
+from nemo_neo.recipes import plan_check
 from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
 from nemo_neo.recipes.run_dir import RunDirectory
 from nemo_neo.recipes.stages import Recipe
@@ -62,6 +63,7 @@ def run(cfg: DictConfig) -> dict:
         log.info("run_dir %s (%s): stages %s on %d rank(s), TP=%d PP=%d DP=%d", run_dir.root, state, list(cfg.stages),
                  ctx.world_size, ctx.tp_size, ctx.pp_size, ctx.dp_size)
     recipe = Recipe(recipe_cfg, ctx, run_dir, resolve_teacher(recipe_cfg, ctx, run_dir))
+    plan_check.check_layout_fits(recipe_cfg, cfg.get("plan"), ctx.world_size, recipe.teacher)  # refuse a layout that cannot fit
     summary = {}
     for stage in rc.STAGES:
         if stage not in recipe_cfg.stages:

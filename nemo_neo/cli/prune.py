@@ -15,6 +15,12 @@ Real pruning of a nemo_neo checkpoint (single process):
       --depth-metric task:neo_winogrande --data-dir ../shared/data --task-limit 200
       (the block whose removal keeps WinoGrande accuracy highest, through lm-eval)
 
+Architecture search (Minitron): the maximal candidate shapes under a budget, without weights:
+  python tools/prune.py --hf-config config.json --search params=4.6e9 --dry-run \
+      [--multiple-of hidden_size=256,ffn_hidden_size=512] [--max-width-pruning 0.5 --max-depth-pruning 0.5]
+      [--search-axes num_layers,hidden_size,ffn_hidden_size] [--memory 1,4096,bfloat16]
+  budgets: params, non_embedding_params, memory_gb (weights + KV cache at --memory batch,seq,dtype), AND-ed.
+
 Scores are saved (--save-scores) and reused (--scores) so pruning can be redone without recalibrating.
 """
 
@@ -29,6 +35,7 @@ from nemo_neo.checkpoint.native import read_index
 from nemo_neo.errors import exit_on_user_error
 from nemo_neo.models.arch import arch_from_hf_config
 from nemo_neo.prune.depth import check_drop_layers
+from nemo_neo.prune.search import MemorySpec, SearchError, SearchSpace, enumerate_candidates, parse_budget
 from nemo_neo.prune.width import PruneTargetError, parse_target, pruned_arch
 from nemo_neo.recipes.prune import prune_checkpoint
 
@@ -91,6 +98,12 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, default=1, help="TP the pruned model must support")
     p.add_argument("--pp", type=int, default=1, help="PP the pruned model must support")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--search", default=None, help="architecture search under budgets, e.g. params=4.6e9,memory_gb=12")
+    p.add_argument("--search-axes", default=None, help="axes the search may change (default: all but num_query_groups)")
+    p.add_argument("--max-width-pruning", type=float, default=0.5, help="largest fraction of each width axis to prune")
+    p.add_argument("--max-depth-pruning", type=float, default=0.5, help="largest fraction of the layers to prune")
+    p.add_argument("--multiple-of", default="", help="grid step per axis, e.g. hidden_size=256,ffn_hidden_size=512")
+    p.add_argument("--memory", default="1,4096,bfloat16", help="memory_gb budget's batch,seq_length,dtype")
     args = p.parse_args(argv)
     enable_compat()
 
@@ -99,6 +112,8 @@ def main(argv=None) -> int:
             arch = arch_from_hf_config(json.loads(Path(args.hf_config).read_text()))
         else:
             arch, _ = read_index(args.ckpt)
+        if args.search is not None:
+            return _search(args, arch)
         new, target, drop = student_arch(arch, args.target, args.drop_layers, args.tp, args.pp)  # validates first
         if args.dry_run:
             before, after = meta_parameter_count(arch.to_hf_config()), meta_parameter_count(new.to_hf_config())
@@ -115,6 +130,34 @@ def main(argv=None) -> int:
                                   depth_metric=args.depth_metric, task_limit=args.task_limit, data_dir=args.data_dir)
         print(json.dumps(result, indent=2))
         return 0
+
+
+def search_space(args) -> SearchSpace:
+    batch, seq, dtype = (args.memory.split(",") + ["", "", ""])[:3]
+    try:
+        memory = MemorySpec(int(batch or 1), int(seq or 4096), dtype or "bfloat16")
+    except ValueError:
+        raise SearchError(f"--memory {args.memory!r}: use batch,seq_length,dtype (e.g. 1,4096,bfloat16)") from None
+    kwargs = {}
+    if args.search_axes:
+        kwargs["axes"] = [a.strip() for a in args.search_axes.split(",") if a.strip()]
+    return SearchSpace(budget=parse_budget(args.search), max_width_pruning=args.max_width_pruning,
+                       max_depth_pruning=args.max_depth_pruning, multiple_of=parse_target(args.multiple_of),
+                       tp=args.tp, pp=args.pp, memory=memory, **kwargs)
+
+
+def _search(args, arch) -> int:
+    space = search_space(args)
+    candidates = enumerate_candidates(arch, space)
+    if not args.dry_run:
+        # the weight-touching search (quick score + short KD per candidate) runs in the recipe:
+        # prune.search in conf/prune_distill.yaml
+        raise SearchError("--search on a checkpoint is run by the recipe's prune.search section for now; "
+                          "pass --dry-run to list the candidates")
+    before = meta_parameter_count(arch.to_hf_config())
+    print(json.dumps({"original": {**describe(arch), "parameters": before[0], "non_embedding_parameters": before[1]},
+                      "budget": space.budget, "memory": vars(space.memory), "candidates": candidates}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":

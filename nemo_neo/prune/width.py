@@ -29,18 +29,24 @@ class PruneTargetError(ConfigError):
     pass
 
 
-def parse_target(text: str) -> dict:
-    """'hidden_size=432,ffn_hidden_size=768' -> dict; unknown keys or non-integers are errors."""
+def parse_key_values(text: str, keys, cast, what: str = "target") -> dict:
+    """'a=1,b=2' -> {a: cast('1'), ...}; a key outside `keys` or a value `cast` refuses is one
+    PruneTargetError naming it (`what` says which option it came from)."""
     out = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, _, value = item.partition("=")
-        if key not in TARGET_KEYS:
-            raise PruneTargetError(f"unknown target key {key!r}; use {', '.join(TARGET_KEYS)}")
+        if key not in keys:
+            raise PruneTargetError(f"unknown {what} key {key!r}; use {', '.join(keys)}")
         try:
-            out[key] = int(value)
+            out[key] = cast(value)
         except ValueError:
-            raise PruneTargetError(f"target {key}={value!r} is not an integer") from None
+            raise PruneTargetError(f"{what} {key}={value!r} is not {'an integer' if cast is int else 'a number'}") from None
     return out
+
+
+def parse_target(text: str) -> dict:
+    """'hidden_size=432,ffn_hidden_size=768' -> dict; unknown keys or non-integers are errors."""
+    return parse_key_values(text, TARGET_KEYS, int)
 
 
 def pruned_arch(arch: GPTArch, target: dict, tp: int = 1, pp: int = 1) -> GPTArch:

@@ -9,6 +9,7 @@ Events (where library code calls `point`):
     publish          inside an atomic directory write, before the finished temp dir is published
                      (every checkpoint, the pruned student, the exported HF directory)
     checkpoint_saved after a training checkpoint is complete and its `latest` pointer moved
+    retention        after an old checkpoint is renamed out of sight, before it is deleted
     trained          after a Trainer's last step, before the stage writes its final checkpoint
     before_metrics   after a stage returned, before the driver writes its metrics.json
 

@@ -16,6 +16,7 @@ to a temporary directory that replaces the target only when complete (see `atomi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,22 @@ def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx: ParallelCo
             atomic.publish(tmp, out)
     dist.barrier()
     return out
+
+
+def link_model_files(ckpt, out, overwrite: bool = False) -> Path:
+    """`out`: the model of checkpoint `ckpt` (weights, index, tokenizer) without its training state,
+    as hard links where the filesystem allows (no second copy on disk; the files stay when `ckpt` is
+    later removed), written atomically. For a stage's result that must outlive its resume state."""
+    ckpt = Path(ckpt)
+    read_index(ckpt)  # a clear error when it is not a checkpoint
+    with atomic.atomic_directory(out, overwrite=overwrite) as tmp:
+        for src in ckpt.iterdir():
+            if src.is_file():
+                try:
+                    os.link(src, tmp / src.name)
+                except OSError:  # another filesystem, or links not allowed: copy
+                    shutil.copy2(src, tmp / src.name)
+    return Path(out)
 
 
 def is_neo_checkpoint(path) -> bool:

@@ -111,6 +111,7 @@ class RecipeConfig:
     run_dir: str
     resume: bool
     stages: list
+    keep_training_state: bool  # a finished stage keeps its training checkpoints (else only its output model)
     teacher_checkpoint: str | None
     data: DataSection
     parallel: ParallelConfig
@@ -220,7 +221,8 @@ def build(cfg: DictConfig) -> RecipeConfig:
         raise RecipeConfigError("the prune stage needs prune.target (e.g. {ffn_hidden_size: 768, hidden_size: 432} "
                                 "or {num_layers: 16}) or prune.drop_layers")
     return RecipeConfig(
-        run_dir=cfg.run_dir, resume=bool(cfg.resume), stages=stages, teacher_checkpoint=cfg.teacher.checkpoint,
+        run_dir=cfg.run_dir, resume=bool(cfg.resume), stages=stages,
+        keep_training_state=bool(cfg.get("keep_training_state", False)), teacher_checkpoint=cfg.teacher.checkpoint,
         data=_build(DataSection, _plain(cfg.data), "data"),
         parallel=_build(ParallelConfig, _plain(cfg.parallel), "parallel"),
         correct=correct, prune=prune, distill=distill,

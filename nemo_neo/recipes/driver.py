@@ -72,6 +72,8 @@ def run(cfg: DictConfig) -> dict:
         if done is not None:
             if ctx.is_main:
                 log.info("%s: already finished (%s), skipped", stage, run_dir.metrics_file(stage))
+                if not recipe_cfg.keep_training_state:  # a run killed right after the record left them
+                    run_dir.release_training_state(stage)
             summary[stage] = done
             continue
         start = time.perf_counter()
@@ -80,7 +82,7 @@ def run(cfg: DictConfig) -> dict:
         metrics["seconds"] = round(time.perf_counter() - start, 1)
         dist.barrier()  # every rank is past the stage before it is marked finished
         chaos.point("before_metrics")
-        run_dir.finish(stage, metrics)
+        run_dir.finish(stage, metrics, keep_training_state=recipe_cfg.keep_training_state)
         dist.barrier()  # and later stages on every rank read the checkpoints it recorded
         summary[stage] = metrics
         if ctx.is_main:

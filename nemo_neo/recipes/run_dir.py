@@ -4,6 +4,9 @@
     <run_dir>/config.yaml         the resolved config of the latest invocation
     <run_dir>/<stage>/metrics.json  written last (atomically): its presence means the stage is done
     <run_dir>/<stage>/...         the stage's checkpoints, logs, TensorBoard events, plots
+    <run_dir>/<stage>/checkpoints/  a training stage's resume state (step checkpoints: weights +
+                                  optimizer state); released once the stage is finished unless
+                                  keep_training_state=true (its output model is kept either way)
 
 A stage whose metrics.json exists is skipped on rerun; an interrupted training stage resumes from
 its latest checkpoint. A directory holding results of a different config is refused (it would mix
@@ -20,9 +23,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_neo.errors import RunStateError
+from nemo_neo.train.retention import directory_bytes, remove_checkpoint_dir
 
 # Keys that choose what to run now, not what the results are: changing them keeps the run the same.
-NOT_FINGERPRINTED = ("stages", "resume", "run_dir", "hydra", "evaluate", "export")
+NOT_FINGERPRINTED = ("stages", "resume", "run_dir", "hydra", "evaluate", "export", "keep_training_state")
 
 
 class RunDirectoryError(RunStateError):
@@ -84,6 +88,24 @@ class RunDirectory:
         path = self.metrics_file(stage)
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def finish(self, stage: str, metrics: dict) -> None:
-        if self.is_main:
-            write_json(self.metrics_file(stage), metrics)
+    def training_checkpoints(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "checkpoints"
+
+    def finish(self, stage: str, metrics: dict, keep_training_state: bool = True) -> None:
+        """Record the stage as done, with its disk use (bytes of the stage directory as it stays), then
+        release its training checkpoints unless asked to keep them: after the record, so that a kill in
+        between costs only disk (the next run releases them) and never a finished stage's results."""
+        if not self.is_main:
+            return
+        total = directory_bytes(self.stage_dir(stage))
+        released = 0 if keep_training_state else directory_bytes(self.training_checkpoints(stage))
+        metrics["disk"] = {"stage_bytes": total - released, "training_checkpoints_released_bytes": released}
+        write_json(self.metrics_file(stage), metrics)
+        if not keep_training_state:
+            self.release_training_state(stage)
+
+    def release_training_state(self, stage: str) -> None:
+        """Remove a finished stage's training checkpoints (idempotent; main rank)."""
+        ckpts = self.training_checkpoints(stage)
+        if self.is_main and ckpts.is_dir():
+            remove_checkpoint_dir(ckpts)

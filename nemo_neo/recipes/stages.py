@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_neo.checkpoint.load import build_for_context, load_model
-from nemo_neo.checkpoint.native import read_index, save_distributed
+from nemo_neo.checkpoint.native import link_model_files, read_index, save_distributed
 from nemo_neo.data import build_gpt_datasets, default_corpus, indexed_from_text
 from nemo_neo.eval import validation_loss
 from nemo_neo.eval.harness import accuracies, evaluate
@@ -149,6 +149,13 @@ class Recipe:
             c = self.cfg.correct.train.optim
             result = distill(self.ctx, student, teacher, train, valid, d.train, out_dir, d.loss,
                              self.cfg.evaluate.micro_batch_size, correct_teacher_lr=(c.lr, c.min_lr))
+            # the final student and teacher as models of their own (hard links): they outlive the
+            # training checkpoints, which are released once the stage is finished
+            for key, name in (("checkpoint", "student"), ("teacher_checkpoint", "teacher")):
+                if self.ctx.is_main:
+                    link_model_files(result[key], out_dir / name, overwrite=True)
+                result[key] = str(out_dir / name)
+            _barrier(self.ctx)
         else:
             result = train_student(self.ctx, d.method, student, teacher, train, valid, d.train, out_dir,
                                    out_ckpt=out_dir / "student", eval_micro_batch_size=self.cfg.evaluate.micro_batch_size)

@@ -29,6 +29,7 @@ from nemo_neo.data.dataset import DistributedBatchSampler, collate
 from nemo_neo.errors import RunStateError
 from nemo_neo.parallel.reduce import sum_from_last_stage
 from nemo_neo.parallel.state import ParallelContext
+from nemo_neo.train import retention
 from nemo_neo.train import state as ckpt_state
 from nemo_neo.train.optim import OptimConfig, build_optimizer, current_lr
 from nemo_neo.train.schedule import run_microbatches, wrap_ddp
@@ -44,6 +45,8 @@ class TrainConfig:
     global_batch_size: int = 8
     micro_batch_size: int = 2
     save_every: int = 50
+    save_keep_last: int = 2  # step checkpoints kept (older ones removed once a newer one is whole); 0 = all
+    save_best_metric: str | None = None  # e.g. "val_loss": also keep the checkpoint where it was lowest
     eval_every: int = 25
     seed: int = 1234
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -96,6 +99,7 @@ class Trainer:
         self.sampler = DistributedBatchSampler(len(train_data), cfg.global_batch_size, cfg.micro_batch_size,
                                                ctx.dp_rank, ctx.dp_size, cfg.seed,
                                                shuffle=not getattr(train_data, "pre_shuffled", False))
+        self.retention = retention.RetentionPolicy(cfg.save_keep_last, cfg.save_best_metric)
         self.history: list[dict] = []
         self.writer = None  # TensorBoard, on the main rank: opened by fit(), which knows the step it resumes from
 
@@ -146,21 +150,42 @@ class Trainer:
             with open(self.log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    @property
+    def checkpoint_log_file(self) -> Path:
+        return self.run_dir / f"{self.name}_checkpoints.jsonl"
+
     def companion_checkpoint(self, step: int) -> Path:
         return self.ckpt_root / f"{self.companion[0]}_step_{step:07d}"
 
     def _save(self, step: int, metrics: dict) -> None:
         if self.writer is not None:  # the events up to this checkpoint survive a kill (a resume keeps them)
             self.writer.flush()
+        t0 = time.perf_counter()
         if self.companion is not None:  # before the main checkpoint, whose pointer move commits both
-
             _, module, arch = self.companion
             save_distributed(self.companion_checkpoint(step), arch, module, self.ctx, tokenizer_src=self.tokenizer_src,
                              metadata={"step": step}, overwrite=True)
-        ckpt_state.save_training_checkpoint(self.ckpt_root, step, self.arch, self.saved_module, self.ctx,
-                                            self.optimizer, self.scheduler, self.sampler,
-                                            tokenizer_src=self.tokenizer_src, metrics=metrics)
+        path = ckpt_state.save_training_checkpoint(self.ckpt_root, step, self.arch, self.saved_module, self.ctx,
+                                                   self.optimizer, self.scheduler, self.sampler,
+                                                   tokenizer_src=self.tokenizer_src, metrics=metrics)
+        seconds = time.perf_counter() - t0  # every rank has written its part (the save ends in a barrier)
         chaos.point("checkpoint_saved")
+        if self.ctx.is_main:  # only now that latest.json points to the new one may older ones go
+            removed = retention.apply_retention(self.ckpt_root, self.retention, latest_step=step,
+                                                 final_step=self.cfg.steps)
+            saved = [path] + ([self.companion_checkpoint(step)] if self.companion is not None else [])
+            self._log_checkpoint({"step": step, "save_seconds": seconds,
+                                  "saved_bytes": sum(retention.directory_bytes(p) for p in saved),
+                                  "removed": [p.name for p in removed],
+                                  **retention.disk_report(self.ckpt_root)})
+
+    def _log_checkpoint(self, record: dict) -> None:
+        """Save time and size, one jsonl line per checkpoint (and TensorBoard), beside the step log."""
+        with open(self.checkpoint_log_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            self.writer.add_scalar(f"{self.name}/checkpoint_save_seconds", record["save_seconds"], record["step"])
+            self.writer.add_scalar(f"{self.name}/checkpoint_gb", record["saved_bytes"] / 2**30, record["step"])
 
     def fit(self) -> dict:
         cfg, ctx = self.cfg, self.ctx
@@ -220,4 +245,5 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         chaos.point("trained")
-        return {"final": metrics, "history": self.history, "resumed_from": start}
+        return {"final": metrics, "history": self.history, "resumed_from": start,
+                "checkpoints": retention.disk_report(self.ckpt_root)}

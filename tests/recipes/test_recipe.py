@@ -122,7 +122,9 @@ def test_recipe_at_tp2_pp2_matches_one_process(tiny_pair, tmp_path):
     run_recipe(tmp_path / "tp2pp2", *args, "parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", nproc=4)
     for stage, name in (("correct", "sft"), ("distill", "distill")):
         a, b = (losses(tmp_path / r / stage / f"{name}_log.jsonl") for r in ("single", "tp2pp2"))
-        assert a.keys() == b.keys() and a == pytest.approx(b, rel=1e-4), stage
+        # the KD losses are ~2e-3 here (a student pruned from its teacher): fp32 sums over a 49152-token
+        # vocabulary in another order differ by ~2e-7, which is 1e-4 of such a loss (this CPU: 1.3e-4)
+        assert a.keys() == b.keys() and a == pytest.approx(b, rel=1e-4, abs=1e-6), stage
     _, a, _ = load_full_state(tmp_path / "single" / "prune" / "student")
     _, b, _ = load_full_state(tmp_path / "tp2pp2" / "prune" / "student")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # same units pruned from the same corrected teacher

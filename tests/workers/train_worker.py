@@ -28,6 +28,9 @@ def main():
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--save-every", type=int, default=3)
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--best-metric", default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="default: at the last step only")
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--gbs", type=int, default=4)
     p.add_argument("--mbs", type=int, default=1)
@@ -43,7 +46,8 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     train, valid = load_token_rows([args.data], tokenizer, args.seq, valid_fraction=0.1, max_valid=args.max_valid)
     cfg = TrainConfig(steps=args.steps, global_batch_size=args.gbs, micro_batch_size=args.mbs,
-                      save_every=args.save_every, eval_every=args.steps,
+                      save_every=args.save_every, eval_every=args.eval_every or args.steps,
+                      save_keep_last=args.keep_last, save_best_metric=args.best_metric,
                       optim=OptimConfig(lr=args.lr, min_lr=args.lr / 10, warmup_steps=2))
     if args.lora_rank > 0:
         from nemo_neo.peft import LoRAConfig

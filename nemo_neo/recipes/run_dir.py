@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_neo.errors import RunStateError
 from nemo_neo.train.retention import directory_bytes, remove_checkpoint_dir
 
-# Keys that choose what to run now, not what the results are: changing them keeps the run the same.
-NOT_FINGERPRINTED = ("stages", "resume", "run_dir", "hydra", "evaluate", "export", "keep_training_state")
+# Keys that choose what to run now or check it, not what the results are: changing them keeps the run the same.
+NOT_FINGERPRINTED = ("stages", "resume", "run_dir", "hydra", "evaluate", "export", "keep_training_state", "plan")
 
 
 class RunDirectoryError(RunStateError):

@@ -170,6 +170,58 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _cuda_type_names(tensor: torch.Tensor):
+    """`tensor.type` as megatron's optimizers expect it on a GPU: with no argument, the CUDA name
+    of the tensor's type ('torch.FloatTensor' -> 'torch.cuda.FloatTensor'); a conversion as usual."""
+
+    def type_(dtype=None, non_blocking=False, **kwargs):
+        if dtype is not None:
+            return torch.Tensor.type(tensor, dtype, non_blocking, **kwargs)
+        name = torch.Tensor.type(tensor)
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+
+    return type_
+
+
+def _with_cuda_type_names(init):
+    """The constructors of megatron's mixed-precision optimizers (Float16OptimizerWithFloat16Params,
+    DistributedOptimizer) sort the parameters by ``param.type()`` against the CUDA names
+    ('torch.cuda.FloatTensor' / 'torch.cuda.BFloat16Tensor') and raise TypeError on a CPU parameter
+    ('torch.FloatTensor'): while the constructor runs, each parameter of the torch optimizer it wraps
+    answers with the CUDA name (an instance attribute shadowing Tensor.type, deleted afterwards, so
+    no parameter keeps it and nothing process-wide changes). Everything else is megatron's code."""
+
+    @functools.wraps(init)
+    def wrapper(self, optimizer, *args, **kwargs):
+        params = [p for g in getattr(optimizer, "param_groups", ()) for p in g["params"]]
+        for p in params:
+            p.type = _cuda_type_names(p)
+        try:
+            return init(self, optimizer, *args, **kwargs)
+        finally:
+            for p in params:
+                p.__dict__.pop("type", None)
+
+    return wrapper
+
+
+def _own_step_counters(load_state_dict):
+    """DistributedOptimizer.load_state_dict without apex / Transformer Engine (the CPU case) gives
+    every parameter's torch-Adam state one shared ``step`` tensor; torch's Adam then adds 1 to it once
+    per parameter per step, so the bias correction after a resume is wrong. Each state gets its own
+    copy of the counter afterwards (the value megatron loaded)."""
+
+    @functools.wraps(load_state_dict)
+    def wrapper(self, state_dict):
+        result = load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        return result
+
+    return wrapper
+
+
 def activate_if_needed() -> bool:
     """Redirect megatron-core's CUDA assumptions to the CPU when CUDA is absent. Idempotent.
 
@@ -193,6 +245,13 @@ def activate_if_needed() -> bool:
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    # bf16 parameters with fp32 main params, and the distributed optimizer: CUDA type names.
+    from megatron.core.optimizer import distrib_optimizer
+
+    for cls in (mcore_optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
+    distrib_optimizer.DistributedOptimizer.load_state_dict = _own_step_counters(
+        distrib_optimizer.DistributedOptimizer.load_state_dict)
     # Tied embeddings under pipeline parallelism: the last stage's copy is moved with .cuda().
     from megatron.core.models.common.language_module import language_module
 

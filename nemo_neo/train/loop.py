@@ -91,7 +91,7 @@ class Trainer:
         model.config.calculate_per_token_loss = True  # mean over all tokens of the global batch
         self.model = model
         self.saved_module = checkpoint_module or model  # e.g. the student of a DistillationPair
-        self.ddp = wrap_ddp(model)
+        self.ddp = wrap_ddp(model, use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, cfg.optim, cfg.steps, lr_overrides)
         self.companion = companion
         # train_data: an int64 [n, seq + 1] tensor, or any indexable set (len, gather) such as

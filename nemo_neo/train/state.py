@@ -35,6 +35,51 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _distributed_shards(optimizer) -> list:
+    """megatron's DistributedOptimizers inside `optimizer` (chained or not), None for the others."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [o if isinstance(o, DistributedOptimizer) else None for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def optimizer_state(optimizer, state: dict | None = None) -> dict:
+    """Save (`state` None: returns this rank's optimizer entries of the training state) or restore them
+    (`state`: the training state) at this layout; the one place that knows how (a later cross-layout resume changes only this).
+
+    A plain megatron optimizer's `state_dict()` is all of it. A DistributedOptimizer's `state_dict()`
+    keeps only what every DP rank shares (param groups, step, grad scaler): each rank's shard of the
+    parameter state (fp32 main params, Adam moments) is added per rank, as it lies in the gradient
+    buckets, with no gather (megatron's `get_parameter_state_dp_reshardable`, restored by
+    `load_parameter_state_from_dp_reshardable`); so it reloads at the same TP/PP/DP only, which
+    `load_training_checkpoint` checks first."""
+    distributed = _distributed_shards(optimizer)
+    if state is None:
+        shards = [_own_shard(o) if o is not None else None for o in distributed]
+        return {"optimizer": optimizer.state_dict(), "optimizer_shards": shards if any(distributed) else None}
+    optimizer.load_state_dict(state["optimizer"])  # a DistributedOptimizer allocates its shard here
+    for o, shard in zip(distributed, state.get("optimizer_shards") or [None] * len(distributed)):
+        if (o is None) != (shard is None):
+            raise CheckpointError("the checkpoint's optimizer state was saved with use_distributed_optimizer="
+                                  f"{shard is not None} but this run has {o is not None}; resume with the same setting")
+        if o is not None:
+            with torch.no_grad():  # copies into shards of the parameters (megatron's callers do the same)
+                o.load_parameter_state_from_dp_reshardable(shard)
+    return state
+
+
+def _own_shard(optimizer) -> dict:
+    state = optimizer.get_parameter_state_dp_reshardable()
+    for gbuf_idx in range(len(optimizer.gbuf_ranges)):
+        for buckets in state[gbuf_idx].values():
+            for bucket in buckets:
+                for i, tensors in enumerate(bucket):
+                    # clones: an fp32 main param is a view of the whole parameter buffer, which torch.save
+                    # would write out entire; "padding" is what the loader filters on
+                    bucket[i] = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in tensors.items()}
+                    bucket[i]["padding"] = False
+    return state
+
+
 def layout(ctx: ParallelContext) -> dict:
     return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size}
 
@@ -54,7 +99,7 @@ def save_training_checkpoint(ckpt_root: Path, step: int, arch, model, ctx: Paral
     state = {
         "step": step,
         "layout": layout(ctx),
-        "optimizer": optimizer.state_dict(),
+        **optimizer_state(optimizer),
         "scheduler": scheduler.state_dict(),
         "sampler": sampler.state_dict(),
         "rng": rng_state(),
@@ -85,7 +130,7 @@ def load_training_checkpoint(path: Path, arch, model, ctx: ParallelContext, opti
             f"{path} was saved at layout {state['layout']} but this run is {layout(ctx)}: optimizer state is "
             "sharded by layout; resume with the same TP/PP/DP, or start a new run from its weights."
         )
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer_state(optimizer, state)
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"])

@@ -15,7 +15,8 @@ subprocess so that its peak RSS is its own:
   cache:  bytes per token on disk at each K, and the one-off wall time of writing it
   loss:   the student's validation LM loss after the same steps
 
-    python benchmarks/teacher_cache.py [--seq 256 --gbs 4 --mbs 2 --steps 4 --ks 8,32,100 --rank 32] [--out r.json]
+    python benchmarks/teacher_cache.py [--seq 256 --gbs 4 --mbs 2 --steps 4 --ks 8,32,100 --rank 32]
+        [--runs kd,llm_neo,llm_neo@32] [--out r.json]
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=4, help="steps per run; the first is not timed")
     p.add_argument("--ks", default="8,32,100")
     p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--runs", default=None, help="comma-separated subset of kd,llm_neo,kd@K,llm_neo@K (default: all)")
     p.add_argument("--out", default=None)
     p.add_argument("--work-dir", default=None)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -118,7 +120,8 @@ def main(argv=None):
         caches = prepare(args)
         runs = {}
         k_mid = args.ks[len(args.ks) // 2]
-        for name in ["kd", "llm_neo", f"kd@{k_mid}", *(f"llm_neo@{k}" for k in args.ks)]:
+        names = args.runs.split(",") if args.runs else ["kd", "llm_neo", f"kd@{k_mid}", *(f"llm_neo@{k}" for k in args.ks)]
+        for name in names:
             cmd = [sys.executable, __file__, "--worker", name, "--work-dir", args.work_dir, "--seq", str(args.seq),
                    "--gbs", str(args.gbs), "--mbs", str(args.mbs), "--steps", str(args.steps), "--rank", str(args.rank)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)

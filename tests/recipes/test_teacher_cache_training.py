@@ -3,8 +3,13 @@ teacher's weights; the recipe's keys for it are typed and checked."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file, save_file
 from test_recipe_config import compose
 
@@ -90,3 +95,23 @@ def test_recipe_keys():
     assert (staged.cache_teacher.top_k, staged.cache_teacher.temperature) == (16, 2.0)
     with pytest.raises(rc.RecipeConfigError, match="kd or llm_neo, not 'sft'"):
         rc.build(compose("distill.teacher_cache=/c", "distill.method=sft"))
+
+
+@pytest.mark.slow
+def test_cli_writes_the_cache_and_the_recipe_distils_from_it(tiny_pair, tmp_path):
+    """nemo-neo-cache-teacher writes <run_dir>/cache_teacher; `stages=[prune,cache_teacher,distill]`
+    in that run_dir skips the finished stage and distils from its cache with the top-K loss the
+    online run computes (llm_neo, the same steps)."""
+    from test_recipe import losses, run_recipe, tiny
+
+    args = tiny(tiny_pair, "distill.method=llm_neo", "distill.lora.rank=4", "distill.lora.alpha=8",
+                "distill.train.steps=3", "cache_teacher.top_k=16", "cache_teacher.chunk_samples=8")
+    cli = subprocess.run([sys.executable, str(REPO / "tools" / "cache_teacher.py"), f"run_dir={tmp_path / 'cached'}", *args],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    run_recipe(tmp_path / "cached", *args, "stages=[prune,cache_teacher,distill]")
+    run_recipe(tmp_path / "online", *args, "stages=[prune,distill]", "distill.loss.top_k=16")
+    metrics = json.loads((tmp_path / "cached" / "distill" / "metrics.json").read_text())
+    assert metrics["teacher_cache"] == str(tmp_path / "cached" / "cache_teacher" / "cache")
+    cached, online = (losses(tmp_path / r / "distill" / "distill_log.jsonl") for r in ("cached", "online"))
+    assert cached.keys() == online.keys() and cached == pytest.approx(online, rel=2e-3)

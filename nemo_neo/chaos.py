@@ -12,6 +12,7 @@ Events (where library code calls `point`):
     retention        after an old checkpoint is renamed out of sight, before it is deleted
     trained          after a Trainer's last step, before the stage writes its final checkpoint
     before_metrics   after a stage returned, before the driver writes its metrics.json
+    cache_chunk      a teacher-cache chunk is written to its temporary file, not yet renamed into place
 
 The recipe's driver names the running stage with `set_stage`. tests/recipes/test_chaos.py and
 scripts/chaos.py use it; nothing else should.

@@ -20,9 +20,13 @@ All divergences use temperature-softened distributions ``softmax(logits / T)``; 
 multiplies any of them by T**2.
 
 ``top_k`` (forward_kl and ce_kl only) keeps the teacher's k largest logits per token -- a *global*
-top-k across TP vocab shards -- renormalises the teacher over those k, and gathers the student's
-full-vocab log-probabilities at those ids: ``sum_k p_k (log p_k - log q_{id_k})``. Reverse KL and JSD
-are undefined there (the truncated teacher puts zero mass on most of the vocab).
+top-k across TP vocab shards -- and compares the student's full-vocab probabilities at those ids. With
+``top_k_tail=True`` (the default) the rest of the vocab is one "tail" bucket on both sides (teacher
+``1 - sum_k p_k``, student its mass outside the teacher's top-k): the KL of the (k + 1)-outcome
+distributions, which equals the full forward KL at k = V. ``top_k_tail=False`` renormalises the
+teacher over its k and has no tail: ``sum_k p_k (log p_k - log q_{id_k})``. Both are
+`sparse_kl.sparse_forward_kl`, the formula that distillation from a teacher cache (`cached`) uses
+too. Reverse KL and JSD are undefined there (the truncated teacher puts zero mass on most of the vocab).
 
 Token conventions
 -----------------
@@ -61,6 +65,7 @@ from typing import NamedTuple
 import torch
 
 from nemo_neo.distill import vocab_parallel as vp
+from nemo_neo.distill.sparse_kl import TopKTargets, sparse_forward_kl, teacher_topk_targets, with_convention
 from nemo_neo.errors import ConfigError
 from nemo_neo.parallel.state import ParallelContext
 
@@ -80,6 +85,8 @@ class KDLossConfig:
     alpha: weight of CE in ``ce_kl`` (the KL gets 1 - alpha); ignored by the other kinds.
     t2_scaling: multiply the divergence by T**2 (KD-LoRA / Hinton); off for LLM-Neo and Minitron.
     top_k: keep only the teacher's top-k logits per token (forward_kl / ce_kl); None = full vocab.
+    top_k_tail: with top_k, the vocab outside the top-k is one tail bucket on both sides (default);
+        False renormalises the teacher over its top-k (see the module docstring).
     jsd_beta: mixture weight of the teacher in ``jsd``, strictly between 0 and 1.
     chunk_tokens: tokens per chunk (bounds fp32 temporaries to ~chunk_tokens x V_local each);
         "auto" = AUTO_CHUNK_ELEMENTS // V_local tokens (see "Memory and time" above);
@@ -97,6 +104,7 @@ class KDLossConfig:
     alpha: float = 0.5
     t2_scaling: bool = False
     top_k: int | None = None
+    top_k_tail: bool = True
     jsd_beta: float = 0.5
     chunk_tokens: int | str | None = "auto"
     ignore_index: int = -100
@@ -180,9 +188,10 @@ def _softmax_backward(q: torch.Tensor, g: torch.Tensor, temperature: float, grou
 
 
 def _forward_kl(student, teacher, config: KDLossConfig, group, ws: _Workspace):
-    """KL(p || q), p = teacher, q = student; d/ds = (q - p) / T."""
+    """KL(p || q), p = teacher, q = student; d/ds = (q - p) / T. `teacher` is a logit chunk, or the
+    sparse `TopKTargets` of a teacher cache."""
     temperature = config.temperature
-    if config.top_k is None:
+    if config.top_k is None and not isinstance(teacher, TopKTargets):
         # In place in three buffers: student -> log p, teacher -> p, workspace -> log q -> grad.
         if temperature != 1.0:
             student.div_(temperature)
@@ -193,17 +202,9 @@ def _forward_kl(student, teacher, config: KDLossConfig, group, ws: _Workspace):
         per_token = vp.sum_over_vocab(log_p.sub_(log_q).mul_(p), group)
         grad = log_q.exp_().sub_(p)
         return per_token, (grad if temperature == 1.0 else grad.div_(temperature))
-    log_q = vp.log_softmax(_softened(student, temperature), group)
-    # Scaling by T > 0 does not change the order, so the top-k ids of the raw teacher logits
-    # are the top-k of the softened ones.
-    top_values, top_ids = vp.global_topk(teacher, config.top_k, group)
-    log_p_top = torch.log_softmax(_softened(top_values, temperature), dim=-1)
-    p_top = log_p_top.exp()
-    log_q_top = vp.gather_at_global_ids(log_q, top_ids, group)
-    per_token = (p_top * (log_p_top - log_q_top)).sum(dim=-1)
-    # sum_k p_k = 1, so d/ds_i [-sum_k p_k log q_{id_k}] = (q_i - sum_k p_k [i == id_k]) / T.
-    grad = vp.scatter_add_at_global_ids(log_q.exp_(), top_ids, -p_top, group)
-    return per_token, grad.div_(temperature)
+    # one formula for live and cached teachers: only where the sparse targets come from differs
+    targets = teacher if isinstance(teacher, TopKTargets) else teacher_topk_targets(teacher, config.top_k, temperature, group)
+    return sparse_forward_kl(student, with_convention(targets, config.top_k, config.top_k_tail), temperature, group)
 
 
 def _reverse_kl(student, teacher, config: KDLossConfig, group, ws: _Workspace):
@@ -296,7 +297,8 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
     def forward(ctx: ParallelContext, student_logits, teacher_logits, labels, token_weight, config, tp_group):
         vocab_local = student_logits.shape[-1]
         student_2d = student_logits.reshape(-1, vocab_local)
-        teacher_2d = teacher_logits.detach().reshape(-1, vocab_local)
+        sparse = isinstance(teacher_logits, TopKTargets)  # a cached teacher: [b, s, K] ids / log-probs
+        teacher_2d = teacher_logits.reshape_tokens() if sparse else teacher_logits.detach().reshape(-1, vocab_local)
         labels_1d = labels.reshape(-1) if labels is not None else None
         weight_1d = token_weight.reshape(-1)
         compute_dtype = weight_1d.dtype
@@ -311,7 +313,7 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
             n = rows.stop - rows.start
             loss_sum, grad = _chunk_loss_and_grad(
                 ws.take("student", n).copy_(student_2d[rows]),  # private compute-dtype copies
-                ws.take("teacher", n).copy_(teacher_2d[rows]),
+                teacher_2d.rows(rows, compute_dtype) if sparse else ws.take("teacher", n).copy_(teacher_2d[rows]),
                 labels_1d[rows] if labels_1d is not None else None,
                 weight_1d[rows],
                 config,

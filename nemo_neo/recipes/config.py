@@ -25,7 +25,8 @@ from nemo_neo.recipes.methods import METHODS, MethodConfig
 from nemo_neo.train.loop import TrainConfig
 from nemo_neo.train.optim import OptimConfig
 
-STAGES = ("correct", "prune", "distill", "evaluate", "export")
+STAGES = ("correct", "prune", "cache_teacher", "distill", "evaluate", "export")
+OPTIONAL_STAGES = ("cache_teacher",)  # run only when `stages` names them
 CONF_DIR_ENV = "NEMO_NEO_CONF_DIR"
 CORRECTION_MODES = ("full", "lora")
 
@@ -77,10 +78,24 @@ class PruneSection:
 
 
 @dataclass
+class CacheTeacherSection:
+    """The optional cache_teacher stage: the distill teacher's top-K targets of every training sample
+    (`nemo_neo.distill.cache_writer`), read by the distill stage instead of running the teacher."""
+
+    dir: str | None = None  # default <run_dir>/cache_teacher/cache
+    top_k: int = 32
+    temperature: float = 1.0
+    chunk_samples: int = 64
+    micro_batch_size: int = 4
+    values_dtype: str = "float16"
+
+
+@dataclass
 class DistillSection:
     method: MethodConfig = field(default_factory=MethodConfig)
     student: str | None = None
     teacher: str | None = None
+    teacher_cache: str | None = None  # a teacher cache dir (kd / llm_neo); default: the cache_teacher stage's
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -117,6 +132,7 @@ class RecipeConfig:
     parallel: ParallelConfig
     correct: CorrectSection
     prune: PruneSection
+    cache_teacher: CacheTeacherSection
     distill: DistillSection
     evaluate: EvaluateSection
     export: ExportSection
@@ -209,7 +225,14 @@ def build(cfg: DictConfig) -> RecipeConfig:
                              train=train_config(c.train, "correct.train"),
                              lora=_build(LoRAConfig, _plain(c.lora), "correct.lora"))
     distill = DistillSection(method=method_config(d.method, d.loss, d.lora, "distill"), student=d.student,
-                             teacher=d.teacher, train=train_config(d.train, "distill.train"))
+                             teacher=d.teacher, teacher_cache=d.get("teacher_cache"),
+                             train=train_config(d.train, "distill.train"))
+    if (distill.teacher_cache or "cache_teacher" in stages) and not distill.method.trains_on_teacher:
+        raise RecipeConfigError(f"a teacher cache (distill.teacher_cache, the cache_teacher stage) is for distill.method "
+                                f"kd or llm_neo, not {distill.method.method!r}")
+    if (distill.teacher_cache or "cache_teacher" in stages) and correct.in_parallel:
+        raise RecipeConfigError("correct.in_parallel=true trains the teacher during distillation: its logits cannot "
+                                "come from a teacher cache")
     if correct.in_parallel and distill.method.method != "kd":
         raise RecipeConfigError("correct.in_parallel=true corrects the teacher while a full-parameter student "
                                 f"distills from it; it needs distill.method=kd (got {distill.method.method!r})")
@@ -226,6 +249,7 @@ def build(cfg: DictConfig) -> RecipeConfig:
         data=_build(DataSection, _plain(cfg.data), "data"),
         parallel=_build(ParallelConfig, _plain(cfg.parallel), "parallel"),
         correct=correct, prune=prune, distill=distill,
+        cache_teacher=_build(CacheTeacherSection, _plain(cfg.get("cache_teacher")), "cache_teacher"),
         evaluate=_build(EvaluateSection, _plain(cfg.evaluate), "evaluate"),
         export=_build(ExportSection, _plain(cfg.export), "export"),
     )

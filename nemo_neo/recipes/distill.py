@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import read_index
+from nemo_neo.distill.cached import cached_kd_loss_fn, check_loss_for_cache
 from nemo_neo.distill.losses import KDLossConfig
 from nemo_neo.distill.model import DistillationPair, check_teacher_compatible
 from nemo_neo.distill.objective import distillation_metrics, kd_loss_fn, kd_with_correction_loss_fn
+from nemo_neo.distill.teacher_cache import CachedTargetSamples, TeacherCache
+from nemo_neo.eval.lm_loss import validation_loss
 from nemo_neo.models.dtype import default_dtype
 from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.train import state as ckpt_state
@@ -60,4 +63,44 @@ def distill(ctx: ParallelContext, student_ckpt, teacher_ckpt, train_rows, valid_
     result["checkpoint"] = str(ckpt_state.latest_checkpoint(trainer.ckpt_root))
     if in_parallel:
         result["teacher_checkpoint"] = str(trainer.companion_checkpoint(train_cfg.steps))
+    return result
+
+
+def distill_from_cache(ctx: ParallelContext, student_ckpt, cache_dir, train_rows, valid_rows, train_cfg: TrainConfig,
+                       run_dir, loss_cfg: KDLossConfig | None = None, eval_micro_batch_size: int = 4,
+                       prepare_student=None, teacher_ckpt=None, dtype=None, recompute_activations=False,
+                       teacher_dtype=None) -> dict:
+    """`distill` with the teacher's top-K targets read from a teacher cache (`nemo_neo.distill.
+    teacher_cache`): no teacher weights are loaded. The cache must have been made for these samples,
+    the student's tokenizer and (when `teacher_ckpt` is named; only its fingerprint is read) that
+    teacher. Validation is the student's LM loss (the held-out rows have no cached targets)."""
+    loss_cfg = loss_cfg or KDLossConfig(kind="forward_kl")
+    cache = TeacherCache(cache_dir)
+    check_loss_for_cache(loss_cfg, cache)
+    arch, _ = read_index(student_ckpt)
+    cache.check(train_rows, arch.vocab_size, student_ckpt, teacher_ckpt)
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute_activations else {}
+    student, _, _ = load_model(student_ckpt, ctx, dtype or default_dtype(), **recompute)
+    if prepare_student is not None:
+        prepare_student(student)
+
+    def evaluate(_model):
+        was_training = student.training
+        metrics = validation_loss(student, ctx, valid_rows, eval_micro_batch_size, desc="validation")
+        student.train(was_training)
+        return {"loss": metrics["loss"], "perplexity": metrics["perplexity"]}
+
+    has_valid = len(valid_rows) > 0
+    before = evaluate(student) if has_valid else {}
+    tp_group = ctx.tp_group if ctx.tp_size > 1 else None
+    samples = CachedTargetSamples(train_rows, cache, with_targets=ctx.is_last_stage)
+    trainer = Trainer(ctx, student, arch, cached_kd_loss_fn(loss_cfg, tp_group), samples, train_cfg, run_dir,
+                      name="distill", evaluate=evaluate if has_valid else None, tokenizer_src=student_ckpt,
+                      collate_fn=None)
+    result = trainer.fit()
+    result["before"] = before
+    result["after"] = {k.removeprefix("val_"): v for k, v in result["final"].items() if k.startswith("val_")} or (
+        evaluate(student) if has_valid else {})
+    result["checkpoint"] = str(ckpt_state.latest_checkpoint(trainer.ckpt_root))
+    result["teacher_cache"] = str(cache.root)
     return result

@@ -35,7 +35,7 @@ from nemo_neo.eval.lm_loss import validation_loss
 from nemo_neo.models.dtype import default_dtype
 from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.peft.apply import LoRAConfig, apply_lora, merge_lora, save_adapters, trainable_report
-from nemo_neo.recipes.distill import distill
+from nemo_neo.recipes.distill import distill, distill_from_cache
 from nemo_neo.train.loop import TrainConfig, Trainer
 
 METHODS = ("sft", "lora", "kd", "llm_neo")
@@ -151,16 +151,21 @@ def _after_from_final(final: dict) -> dict | None:
 
 
 def train_student(ctx: ParallelContext, method: MethodConfig, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: TrainConfig,
-                  run_dir, out_ckpt=None, eval_micro_batch_size: int = 4, **pair_options) -> dict:
+                  run_dir, out_ckpt=None, eval_micro_batch_size: int = 4, teacher_cache=None, **pair_options) -> dict:
     """Train the student with `method`; write the final full student checkpoint to `out_ckpt`
     (default <run_dir>/final, atomically). Collective: every rank of the TP/PP/DP world calls it.
 
     teacher_ckpt: required by kd / llm_neo; optional for sft / lora (then only the LM loss is reported).
+    teacher_cache: kd / llm_neo read the teacher's top-K targets from this teacher cache instead of
+        running the teacher (no teacher weights loaded; `teacher_ckpt`, if given, is only checked
+        against the cache's fingerprint); before / after then hold the LM loss alone.
     pair_options: dtype, teacher_dtype, recompute_activations (as `build_pair`).
     Returns {method, before, after, history, final, resumed_from, trainable, checkpoint[, adapters]};
     before / after hold the validation loss, perplexity and (with a teacher) kl."""
     method.validate()
-    if method.trains_on_teacher and teacher_ckpt is None:
+    if teacher_cache is not None and not method.trains_on_teacher:
+        raise MethodConfigError(f"a teacher cache is for the methods that distil (kd, llm_neo), not {method.method!r}")
+    if method.trains_on_teacher and teacher_ckpt is None and teacher_cache is None:
         raise MethodConfigError(f"method {method.method!r} distils from a teacher: pass teacher_ckpt")
     run_dir = Path(run_dir)
     out_ckpt = Path(out_ckpt) if out_ckpt is not None else run_dir / "final"
@@ -172,7 +177,11 @@ def train_student(ctx: ParallelContext, method: MethodConfig, student_ckpt, teac
         prepared["student"] = student
         prepared["trainable"] = trainable_report(student)
 
-    if method.trains_on_teacher:
+    if teacher_cache is not None:
+        result = distill_from_cache(ctx, student_ckpt, teacher_cache, train_rows, valid_rows, train_cfg, run_dir,
+                                    method.training_loss(), eval_micro_batch_size, prepare_student=prepare,
+                                    teacher_ckpt=teacher_ckpt, **pair_options)
+    elif method.trains_on_teacher:
         result = distill(ctx, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg, run_dir,
                          method.training_loss(), eval_micro_batch_size, prepare_student=prepare, **pair_options)
     else:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from nemo_neo.checkpoint.load import build_for_context, load_model
 from nemo_neo.checkpoint.native import link_model_files, read_index, save_distributed
 from nemo_neo.data import build_gpt_datasets, default_corpus, indexed_from_text
+from nemo_neo.distill.cache_writer import write_teacher_cache
 from nemo_neo.eval import validation_loss
 from nemo_neo.eval.harness import accuracies, evaluate
 from nemo_neo.export.fp8 import export_fp8
@@ -140,12 +141,30 @@ class Recipe:
         metrics["parameters"] = arch.num_parameters()
         return metrics
 
+    def cache_teacher(self) -> dict:
+        """The distill teacher's top-K targets of every training sample, once, for the distill stage."""
+        c = self.cfg.cache_teacher
+        train, _ = self.rows()
+        out = Path(c.dir) if c.dir else self.run.stage_dir("cache_teacher") / "cache"
+        return write_teacher_cache(self.ctx, self.distill_teacher(), train, out, c.top_k, c.temperature,
+                                   c.chunk_samples, c.micro_batch_size, c.values_dtype)
+
+    def teacher_cache(self) -> Path | None:
+        if self.cfg.distill.teacher_cache:
+            return Path(self.cfg.distill.teacher_cache)
+        return self._recorded("cache_teacher", "cache") if "cache_teacher" in self.cfg.stages else None
+
     def distill(self) -> dict:
         d = self.cfg.distill
         student, teacher = self.student_start(), self.distill_teacher()
         train, valid = self.rows()
         out_dir = self.run.stage_dir("distill")
-        if self.cfg.correct.in_parallel:
+        cache = self.teacher_cache()
+        if cache is not None:
+            result = train_student(self.ctx, d.method, student, teacher, train, valid, d.train, out_dir,
+                                   out_ckpt=out_dir / "student", eval_micro_batch_size=self.cfg.evaluate.micro_batch_size,
+                                   teacher_cache=cache)
+        elif self.cfg.correct.in_parallel:
             c = self.cfg.correct.train.optim
             result = distill(self.ctx, student, teacher, train, valid, d.train, out_dir, d.loss,
                              self.cfg.evaluate.micro_batch_size, correct_teacher_lr=(c.lr, c.min_lr))

@@ -39,6 +39,8 @@ CASES = {
     "forward_kl_topk": dict(kind="forward_kl", top_k=5, temperature=1.5),
     # top_k larger than a TP=2 shard (19): the global top-k needs candidates from both ranks.
     "ce_kl_topk": dict(kind="ce_kl", alpha=0.6, temperature=2.0, t2_scaling=True, top_k=25),
+    "forward_kl_topk_renormalised": dict(kind="forward_kl", top_k=5, temperature=1.5, top_k_tail=False),
+    "ce_kl_topk_renormalised": dict(kind="ce_kl", alpha=0.6, temperature=2.0, top_k=25, top_k_tail=False),
 }
 
 
@@ -61,6 +63,21 @@ def make_inputs(seed: int = 0, dtype=torch.float64, batch=BATCH, seq=SEQ, vocab=
     }
 
 
+def topk_reference(log_q, teacher, config: KDLossConfig):
+    """Top-k forward KL from full-vocab distributions: with the tail, the KL of the (k + 1)-outcome
+    distributions (top-k ids, everything else); without it, the teacher renormalised over its top-k."""
+    top_ids = teacher.topk(config.top_k, dim=-1).indices
+    if not config.top_k_tail:
+        log_p_top = F.log_softmax(teacher.gather(-1, top_ids) / config.temperature, dim=-1)
+        return F.kl_div(log_q.gather(-1, top_ids), log_p_top, reduction="none", log_target=True).sum(-1)
+    p = F.softmax(teacher / config.temperature, dim=-1)
+    q = log_q.exp()
+    outside = torch.ones_like(p, dtype=torch.bool).scatter_(-1, top_ids, False)
+    p_k = torch.cat([p.gather(-1, top_ids), (p * outside).sum(-1, keepdim=True)], dim=-1)
+    q_k = torch.cat([q.gather(-1, top_ids), (q * outside).sum(-1, keepdim=True)], dim=-1)
+    return (p_k * (p_k.log() - q_k.log())).sum(-1)
+
+
 def reference_loss(student, teacher, labels, loss_mask, config: KDLossConfig):
     """(loss_sum, num_tokens) written directly with torch.nn.functional on full-vocab logits."""
     temperature = config.temperature
@@ -70,9 +87,7 @@ def reference_loss(student, teacher, labels, loss_mask, config: KDLossConfig):
             log_p = F.log_softmax(teacher / temperature, dim=-1)
             divergence = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
         else:
-            top_values, top_ids = teacher.topk(config.top_k, dim=-1)
-            log_p_top = F.log_softmax(top_values / temperature, dim=-1)
-            divergence = F.kl_div(log_q.gather(-1, top_ids), log_p_top, reduction="none", log_target=True).sum(-1)
+            divergence = topk_reference(log_q, teacher, config)
     elif config.kind == "reverse_kl":
         log_p = F.log_softmax(teacher / temperature, dim=-1)
         divergence = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)

@@ -20,6 +20,8 @@ from nemo_neo import enable_compat  # noqa: E402
 enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
 from nemo_neo.distill import KDLossConfig, distillation_loss, global_token_mean  # noqa: E402
+from nemo_neo.distill.cached import cached_distillation_loss  # noqa: E402
+from nemo_neo.distill.sparse_kl import TopKTargets  # noqa: E402
 
 
 def gather_along_vocab(shard: torch.Tensor, group) -> torch.Tensor:
@@ -47,6 +49,17 @@ def run_case(inputs, kwargs, chunk, tp_group):
         "loss_sum_per_rank": torch.stack(per_rank),
         "grad": gather_along_vocab(student.grad, tp_group),
     }
+
+
+def run_cached_case(inputs, case, tp_group):
+    """The cached-teacher loss of `case` ({"kwargs", "targets": (ids, log_probs, log_tail)}) on this rank's shard."""
+    tp_rank, tp_size = dist.get_rank(tp_group), dist.get_world_size(tp_group)
+    vocab = inputs["student"].shape[-1]
+    student = inputs["student"][..., tp_rank * vocab // tp_size : (tp_rank + 1) * vocab // tp_size].clone().requires_grad_(True)
+    out = cached_distillation_loss(student, TopKTargets(*case["targets"]), KDLossConfig(**case["kwargs"]),
+                                   labels=inputs["labels"], loss_mask=inputs["loss_mask"], tp_group=tp_group)
+    (out.loss_sum / out.num_tokens).backward()
+    return {"loss_sum": out.loss_sum.detach(), "grad": gather_along_vocab(student.grad, tp_group)}
 
 
 def check_global_token_mean(group):
@@ -77,6 +90,8 @@ def main():
     for name, kwargs in inputs["cases"].items():
         for chunk in inputs["chunks"]:
             results[f"{name}|{chunk}"] = run_case(inputs, kwargs, chunk, tp_group)
+    for name, case in inputs.get("cached_cases", {}).items():  # tests/distill/test_cached_loss.py
+        results[name] = run_cached_case(inputs, case, tp_group)
     results["global_token_mean"] = check_global_token_mean(tp_group)
     if dist.get_rank() == 0:
         torch.save(results, args.out)

@@ -1,0 +1,56 @@
+"""torchrun worker: write a teacher cache at a TP/PP/DP layout (--teacher, --write-to), and/or read the
+targets of a cache through the training sampler at that layout and save what each sample got (--out).
+
+    torchrun --nproc_per_node N tests/workers/teacher_cache_worker.py --rows R.pt [--teacher T --write-to C]
+        [--cache C --out O] [--tp T]
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from nemo_neo import chaos, enable_compat  # noqa: E402
+
+enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
+
+from nemo_neo.data.dataset import DistributedBatchSampler  # noqa: E402
+from nemo_neo.distill.cache_writer import write_teacher_cache  # noqa: E402
+from nemo_neo.distill.teacher_cache import TARGET_KEYS, CachedTargetSamples, TeacherCache  # noqa: E402
+from nemo_neo.errors import exit_on_user_error  # noqa: E402
+from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--teacher")
+    p.add_argument("--write-to")
+    p.add_argument("--rows", required=True)
+    p.add_argument("--cache")
+    p.add_argument("--out")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=8)
+    args = p.parse_args()
+    rows = torch.load(args.rows)
+    ctx = initialize(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp))
+    with exit_on_user_error():
+        if args.teacher:
+            chaos.set_stage("cache_teacher")  # the SIGKILL test names this stage in NEMO_NEO_CHAOS_KILL
+            write_teacher_cache(ctx, args.teacher, rows, args.write_to, args.top_k, temperature=1.5, chunk_samples=3,
+                                micro_batch_size=2, progress=False)
+        if args.out:  # what each sample's micro-batch holds over two epochs of the sampler, as the Trainer reads it
+            samples = CachedTargetSamples(rows, TeacherCache(args.cache))
+            sampler = DistributedBatchSampler(len(rows), 4, 2, ctx.dp_rank, ctx.dp_size, seed=7)
+            got = {}
+            for _, step in zip(range(2 * sampler.steps_per_epoch), sampler):
+                for indices in step:
+                    batch = samples[indices]
+                    for j, i in enumerate(indices.tolist()):
+                        got[i] = {k: batch[k][j] for k in TARGET_KEYS}
+            torch.save(got, Path(args.out) / f"rank{ctx.rank}.pt")
+    destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 # fields that measure time or memory, or say where a run resumed: legitimately differ
-# (and the records of saving: a killed run's last save may have no record, its disk use differs by its logs)
-VARYING = {"seconds", "tokens_per_s", "peak_memory_gb", "resumed_from", "train_time_s", "disk",
+# (and bytes on disk: a killed run's last save may have no record, and its checkpoints and logs differ by a
+# few hundred bytes of recorded metrics and paths; which steps are kept is still compared)
+VARYING = {"seconds", "tokens_per_s", "peak_memory_gb", "resumed_from", "train_time_s", "disk", "checkpoints_bytes",
            "checkpoint_save_seconds", "checkpoint_gb"}
 STAGES = ("correct", "prune", "distill", "evaluate", "export")
 # the models a run produces (metrics.json "checkpoint" of each stage), compared file by file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -94,6 +95,12 @@ def read_hf(path: str | os.PathLike) -> tuple[GPTArch, dict[str, torch.Tensor], 
     if arch.tie_embeddings:
         state.pop("lm_head.weight", None)
     return arch, state, save_tokenizer
+
+
+def tokenizer_digest(ckpt) -> str | None:
+    """sha256 (hex) of a checkpoint's tokenizer.json; None when there is no checkpoint or no such file."""
+    path = Path(ckpt) / "tokenizer.json" if ckpt else None
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
 
 
 def copy_tokenizer_files(src: Path, dst: Path, overwrite: bool = True) -> list[str]:

@@ -20,11 +20,9 @@ logits chunk by chunk (`nemo_neo.distill.fused`); the objective dispatches on wh
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import torch
 
+from nemo_neo.checkpoint.hf_io import tokenizer_digest
 from nemo_neo.distill.fused import HeadInputs, head_weight, hidden_states_head
 from nemo_neo.errors import ConfigError
 from nemo_neo.models.arch import GPTArch
@@ -34,11 +32,6 @@ class TeacherMismatchError(ConfigError):
     """Teacher and student cannot be distilled (different vocabularies or tokenizers)."""
 
 
-def _tokenizer_digest(ckpt) -> str | None:
-    path = Path(ckpt) / "tokenizer.json" if ckpt else None
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
-
-
 def check_teacher_compatible(student: GPTArch, teacher: GPTArch, student_ckpt=None, teacher_ckpt=None) -> None:
     """Teacher and student must share the tokenizer; fail before any compute if they do not."""
     if student.vocab_size != teacher.vocab_size:
@@ -46,7 +39,7 @@ def check_teacher_compatible(student: GPTArch, teacher: GPTArch, student_ckpt=No
             f"student vocab_size={student.vocab_size} != teacher vocab_size={teacher.vocab_size}: logit "
             "distillation needs one tokenizer; derive the student from the teacher (prune) or retokenize."
         )
-    a, b = _tokenizer_digest(student_ckpt), _tokenizer_digest(teacher_ckpt)
+    a, b = tokenizer_digest(student_ckpt), tokenizer_digest(teacher_ckpt)
     if a and b and a != b:
         raise TeacherMismatchError(
             f"student ({student_ckpt}) and teacher ({teacher_ckpt}) have different tokenizer.json files; "

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from nemo_neo import chaos
+from nemo_neo.checkpoint.hf_io import tokenizer_digest
 from nemo_neo.checkpoint.native import INDEX, read_index
 from nemo_neo.data.dataset import collate
 from nemo_neo.distill.sparse_kl import TopKTargets
@@ -89,9 +90,9 @@ def teacher_fingerprint(ckpt) -> str:
 
 
 def tokenizer_fingerprint(ckpt) -> str | None:
-    """sha256 of the checkpoint's tokenizer.json (None when it has none)."""
-    path = Path(ckpt) / "tokenizer.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:20] if path.is_file() else None
+    """sha256 of the checkpoint's tokenizer.json, shortened (None when it has none)."""
+    digest = tokenizer_digest(ckpt)
+    return digest[:20] if digest else None
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:

@@ -65,7 +65,7 @@ def text_prefixes(sources: Sequence[str | os.PathLike], tokenizer, valid_fractio
 
 def indexed_from_text(sources: Sequence[str | os.PathLike], tokenizer, seq_length: int, train_samples: int,
                       valid_fraction: float = 0.1, max_valid: int | None = None, seed: int = 1234, cache_dir=None,
-                      progress: bool = True) -> tuple[TokenSamples, torch.Tensor]:
+                      progress: bool = True, mmap_bin_files: bool = False) -> tuple[TokenSamples, torch.Tensor]:
     """(train samples for the Trainer, validation rows int64 [n, seq_length + 1]) of text sources.
 
     train_samples: what training consumes (steps x global batch size). max_valid: keep at most this
@@ -78,7 +78,8 @@ def indexed_from_text(sources: Sequence[str | os.PathLike], tokenizer, seq_lengt
     try:
         tr, va, _ = build_gpt_datasets(blend_per_split=per_split, split=None, seq_length=seq_length,
                                        train_samples=train_samples, valid_samples=None if valid is not None else 0,
-                                       seed=seed, tokenizer=tokenizer, cache_dir=root / "indices")
+                                       seed=seed, tokenizer=tokenizer, cache_dir=root / "indices",
+                                       mmap_bin_files=mmap_bin_files)
     except DataError as e:  # name the user's files, not only the cache prefix they were tokenized into
         named = ", ".join(map(str, sources)) if sources else "the default corpus"
         raise DataError(f"{named}: {e}") from None

@@ -201,15 +201,20 @@ def _spec(blend, blend_per_split, split, seq_length, seed, sizes, tokenizer) -> 
             "sizes": sizes, "tokenizer": tok, "files": files}
 
 
-def _megatron_build(spec: dict, path_to_cache: str):
-    """megatron-core's BlendedMegatronDatasetBuilder on the spec; [train, valid, test] (None = not built)."""
+def _megatron_build(spec: dict, path_to_cache: str, mmap_bin_files: bool = False):
+    """megatron-core's BlendedMegatronDatasetBuilder on the spec; [train, valid, test] (None = not built).
+
+    mmap_bin_files=False reads each sample with one pread of the `.bin` (megatron-core's file reader)
+    instead of mapping it: a mapped `.bin` puts every page the kernel faults in around a random sample
+    into the process's RSS, which then grows with the corpus (measured in BENCHMARKS.md), while the
+    reads cost one system call per sample. The `.idx` and the index caches stay mmap'd either way."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     blends = [tuple(b) if b else None for b in spec["per_split"]]
     common = dict(random_seed=spec["seed"], sequence_length=spec["seq_length"], path_to_cache=path_to_cache,
                   tokenizer=_Tokenizer(**spec["tokenizer"]), reset_position_ids=False, reset_attention_mask=False,
-                  eod_mask_loss=False, create_attention_mask=False, mmap_bin_files=True)
+                  eod_mask_loss=False, create_attention_mask=False, mmap_bin_files=mmap_bin_files)
     if spec["split"] is not None:
         config = GPTDatasetConfig(blend=blends[0], split=spec["split"], **common)
         config.split_matrix = [tuple(m) if m else None for m in spec["split_matrix"]]  # unasked splits: None
@@ -277,7 +282,7 @@ def default_cache_dir() -> Path:
 
 def build_gpt_datasets(blend=None, blend_per_split=None, split: str | None = "969,30,1", *, seq_length: int,
                        train_samples: int, valid_samples: int | None = 0, test_samples: int = 0, seed: int = 1234,
-                       tokenizer=None, cache_dir=None) -> list[TokenSamples | None]:
+                       tokenizer=None, cache_dir=None, mmap_bin_files: bool = False) -> list[TokenSamples | None]:
     """[train, valid, test] TokenSamples from megatron-core GPT datasets (None for splits not asked for).
 
     blend: `[w, prefix, w, prefix, ...]` or `[prefix]` with `split` ("969,30,1": each dataset's documents
@@ -288,6 +293,8 @@ def build_gpt_datasets(blend=None, blend_per_split=None, split: str | None = "96
     tokenizer: the model's tokenizer; datasets with a sidecar must have been made with it.
     cache_dir: where the index caches go (default $NEMO_NEO_DATA_CACHE or ~/.cache/nemo_neo/gpt_indices);
         node-local or shared. Call on every rank of the job (collective when torch.distributed is up).
+    mmap_bin_files: map the `.bin` files (megatron-core's default) instead of reading each sample with
+        pread (ours: per-rank memory stays flat as the corpus grows; see `_megatron_build`).
     """
     spec = _spec(blend, blend_per_split, split, seq_length, seed, [train_samples, valid_samples, test_samples],
                  tokenizer)
@@ -302,7 +309,7 @@ def build_gpt_datasets(blend=None, blend_per_split=None, split: str | None = "96
     if not (final / ".ready").is_file():
         raise DataError(f"the dataset index cache {final} was not built on this node (local rank 0 builds it); "
                         "check that LOCAL_RANK is set per node, or pass a cache_dir every rank can read.")
-    datasets = _megatron_build(spec, str(final))  # every rank: cache hits, mmap'd
+    datasets = _megatron_build(spec, str(final), mmap_bin_files)  # every rank: cache hits (mmap'd indices)
     return [TokenSamples(d, seq_length) if d is not None else None for d in datasets]
 
 

@@ -110,25 +110,42 @@ def iter_documents(path: Path, json_key: str = "text") -> Iterator[tuple[str, in
 
 # --- tokenization (in this process or in worker processes) ---------------------------------------
 
-_worker_tokenizer = None
+_worker_encode = None
 _worker_eod: int | None = None
 _worker_dtype = None
 
 
+def batch_encoder(tokenizer):
+    """docs -> token id lists, exactly as `tokenizer(docs)["input_ids"]` gives them.
+
+    A fast tokenizer's Rust backend is called directly (a copy with truncation and padding off, as
+    transformers sets them for a plain call): transformers' wrapper around it builds attention masks
+    and a BatchEncoding per call, which cost as much as the tokenization itself on short documents."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        # verbose=False: documents are longer than the model's max length by design (they are packed)
+        return lambda docs: tokenizer(docs, verbose=False)["input_ids"]
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(backend.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    return lambda docs: [e.ids for e in backend.encode_batch(docs, add_special_tokens=True)]
+
+
 def _init_worker(tokenizer, eod, dtype, forked: bool = True) -> None:
-    global _worker_tokenizer, _worker_eod, _worker_dtype
+    global _worker_encode, _worker_eod, _worker_dtype
     if forked:  # one thread per worker process: the pool is the parallelism
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tokenizer, _worker_eod, _worker_dtype = tokenizer, eod, dtype
+    _worker_encode, _worker_eod, _worker_dtype = batch_encoder(tokenizer), eod, dtype
 
 
 def _encode(task: tuple[int, list[str], int]) -> tuple[int, list[numpy.ndarray], int]:
     source, docs, nbytes = task
     out = []
-    # verbose=False: documents are longer than the model's max length by design (they are packed)
-    for ids in _worker_tokenizer(docs, verbose=False)["input_ids"]:
+    for ids in _worker_encode(docs):
         if _worker_eod is not None and not (ids and ids[-1] == _worker_eod):
-            ids = [*ids, _worker_eod]
+            ids.append(_worker_eod)
         out.append(numpy.asarray(ids, dtype=_worker_dtype))
     return source, out, nbytes
 

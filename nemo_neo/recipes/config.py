@@ -49,6 +49,7 @@ class DataSection:
     max_valid_sequences: int | None = 64
     seed: int = 1234
     index_cache: str | None = None  # where tokenized text and GPTDataset indices go (default: the user cache)
+    mmap_bin_files: bool = False  # map the .bin files instead of one pread per sample (RSS then grows with them)
 
 
 @dataclass

@@ -61,13 +61,13 @@ class Recipe:
                 train, valid, _ = build_gpt_datasets(d.blend, d.blend_per_split, d.split if d.blend else None,
                                                      seq_length=d.seq_length, train_samples=samples,
                                                      valid_samples=None, seed=d.seed, tokenizer=tokenizer,
-                                                     cache_dir=cache / "indices")
+                                                     cache_dir=cache / "indices", mmap_bin_files=d.mmap_bin_files)
                 valid = valid.rows(d.max_valid_sequences) if valid is not None else torch.empty(0, d.seq_length + 1,
                                                                                                 dtype=torch.long)
             else:
                 train, valid = indexed_from_text(list(d.text_files), tokenizer, d.seq_length, train_samples=samples,
                                                  valid_fraction=d.valid_fraction, max_valid=d.max_valid_sequences,
-                                                 seed=d.seed, cache_dir=cache)
+                                                 seed=d.seed, cache_dir=cache, mmap_bin_files=d.mmap_bin_files)
             self._rows = (train, valid)
         return self._rows
 

@@ -56,12 +56,21 @@ def random_docs(n: int, low: int, high: int, seed: int) -> list[numpy.ndarray]:
 
 @pytest.mark.parametrize("dtype", ["uint16", "int32"])
 def test_loader_tokens_rejoined_per_document_equal_hf_encoding(tokenizer, tmp_path, dtype):
+    datasets = pytest.importorskip("datasets")
     docs = shakespeare_docs(60)
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:50]))
-    for i, d in enumerate(docs[50:]):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:45]))
+    for i, d in enumerate(docs[45:55]):
         (tmp_path / f"b{i}.txt").write_text(d)
+    datasets.Dataset.from_dict({"text": docs[55:], "n": list(range(5))}).save_to_disk(str(tmp_path / "hf"))
+    datasets.Dataset.from_dict({"body": docs[55:]}).save_to_disk(str(tmp_path / "hf_body"))
     inputs = [tmp_path / "a.jsonl", *(tmp_path / f"b{i}.txt" for i in range(10))]
-    sidecar = preprocess(inputs, tmp_path / "out" / "corpus", tokenizer, workers=2, dtype=dtype, progress=False)
+    sidecar = preprocess(inputs, tmp_path / "out" / "part", tokenizer, workers=2, dtype=dtype, progress=False)
+    assert sidecar["documents"] == 55
+    with pytest.raises(DataError, match='no "text" column .*--json-key'):  # an HF row's text is named by its column
+        preprocess([*inputs, tmp_path / "hf_body"], tmp_path / "out" / "corpus", tokenizer, progress=False)
+    assert not (tmp_path / "out" / "corpus.idx").exists()
+    sidecar = preprocess([*inputs, tmp_path / "hf"], tmp_path / "out" / "corpus", tokenizer,
+                         workers=1 if dtype == "uint16" else 2, dtype=dtype, progress=False)
     reference = [tokenizer(d)["input_ids"] + [tokenizer.eos_token_id] for d in docs]  # independent encoding
     assert sidecar["dtype"] == dtype and sidecar["documents"] == 60
     assert sidecar["tokens"] == sum(map(len, reference))
@@ -71,11 +80,27 @@ def test_loader_tokens_rejoined_per_document_equal_hf_encoding(tokenizer, tmp_pa
     stored = IndexedDataset(str(tmp_path / "out" / "corpus"))  # megatron-core's own reader
     assert stored.index.dtype == numpy.dtype(dtype)
     assert [stored[i].tolist() for i in range(len(stored))] == reference
+    del stored  # it maps the .bin (checked below)
 
     seq = 16
     train, valid, test = build_gpt_datasets([str(tmp_path / "out" / "corpus")], split="1,0,0", seq_length=seq,
                                             train_samples=1, tokenizer=tokenizer, cache_dir=tmp_path / "cache")
     assert valid is None and test is None
+    mapped, _, _ = build_gpt_datasets([str(tmp_path / "out" / "corpus")], split="1,0,0", seq_length=seq,
+                                      train_samples=1, tokenizer=tokenizer, cache_dir=tmp_path / "cache",
+                                      mmap_bin_files=True)
+    assert torch.equal(mapped[: len(mapped)], train[: len(train)])  # megatron-core's mmap reader, same samples
+    bin_path = str((tmp_path / "out" / "corpus.bin").resolve())
+    # the default reads samples with pread: the .bin is never mapped into this process (flat RSS), the mmap one is
+    maps = Path("/proc/self/maps").read_text()
+    assert maps.count(bin_path) >= 1
+    del mapped
+    import gc
+
+    gc.collect()
+    assert bin_path not in Path("/proc/self/maps").read_text()
+    train[: len(train)]
+    assert bin_path not in Path("/proc/self/maps").read_text()
     # undo megatron-core's sample shuffle: sample i sits at position shuffle_index[i] of the token stream
     # of the (shuffled) documents; consecutive samples share one boundary token
     shuffle, order = train.dataset.shuffle_index, train.dataset.document_index
@@ -198,6 +223,8 @@ def test_interrupted_preprocessing_leaves_no_readable_prefix(tokenizer, tmp_path
             return tokenizer(*args, **kwargs)
 
         def __getattr__(self, name):
+            if name == "backend_tokenizer":  # not a fast tokenizer: preprocessing calls it, as transformers' slow ones
+                raise AttributeError(name)
             return getattr(tokenizer, name)
 
         def __len__(self):

@@ -137,7 +137,7 @@ def prepare(args) -> None:
     from transformers import AutoTokenizer
 
     from nemo_neo.checkpoint.convert import convert_neo_to_hf
-    from nemo_neo.data.dataset import load_token_rows
+    from nemo_neo.data import indexed_from_text
     from nemo_neo.prune import drop_layers_checkpoint
     from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
 
@@ -150,8 +150,10 @@ def prepare(args) -> None:
     convert_neo_to_hf(student, work / "student_hf", overwrite=True)
     text = REPO.parent / "shared" / "data" / "wikitext2_valid.txt"
     sources = [text] if text.is_file() else []
-    rows, _ = load_token_rows(sources, AutoTokenizer.from_pretrained(str(teacher)), args.seq, valid_fraction=0.0,
-                              max_train=args.gbs * (args.warmup + args.steps))
+    samples = args.gbs * (args.warmup + args.steps)
+    train, _ = indexed_from_text(sources, AutoTokenizer.from_pretrained(str(teacher)), args.seq, train_samples=samples,
+                                 valid_fraction=0.0, cache_dir=work / "data", progress=False)
+    rows = train.rows(samples)
     torch.save(rows, work / "rows.pt")
 
 

@@ -29,7 +29,7 @@ def main():
 
     from nemo_neo.checkpoint.load import load_model
     from nemo_neo.checkpoint.native import load_full_state
-    from nemo_neo.data import load_token_rows
+    from nemo_neo.data import indexed_from_text
     from nemo_neo.parallel import initialize
     from nemo_neo.prune import ImportanceConfig, compute_importance, prune_width
     from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
@@ -37,7 +37,8 @@ def main():
 
     ckpt = default_teacher_checkpoint()
     ctx = initialize()
-    rows, _ = load_token_rows([], AutoTokenizer.from_pretrained(str(ckpt)), args.seq, max_train=args.samples)
+    rows = indexed_from_text([], AutoTokenizer.from_pretrained(str(ckpt)), args.seq, train_samples=args.samples,
+                             progress=False)[0].rows(args.samples)
     model, arch, _ = load_model(ckpt, ctx)
     model.eval()
 

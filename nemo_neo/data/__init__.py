@@ -1,9 +1,8 @@
-"""Text data: real corpora, tokenization and packing to fixed-length sequences, DP batch sampling."""
+"""Data: text and Megatron indexed datasets through one megatron-core loader, DP batch sampling."""
 
 from nemo_neo.data.dataset import (
     DistributedBatchSampler,
     collate,
-    load_token_rows,
     read_documents,
     read_text,
     read_utf8,
@@ -12,7 +11,7 @@ from nemo_neo.data.dataset import (
 from nemo_neo.data.from_text import indexed_from_text, text_prefixes
 from nemo_neo.data.indexed import TokenSamples, build_gpt_datasets, parse_blend
 from nemo_neo.data.preprocess import preprocess
-from nemo_neo.data.text import default_corpus, pack_tokens, split_train_valid
+from nemo_neo.data.text import default_corpus, split_train_valid
 
 __all__ = [
     "DistributedBatchSampler",
@@ -24,8 +23,6 @@ __all__ = [
     "text_prefixes",
     "collate",
     "default_corpus",
-    "load_token_rows",
-    "pack_tokens",
     "read_documents",
     "read_text",
     "read_utf8",

@@ -1,9 +1,9 @@
-"""Training data: text sources -> held-out split -> packed token rows -> per-DP-rank micro-batches.
+"""Training data: text sources -> held-out split -> (indexed format, `from_text`) -> per-DP-rank micro-batches.
 
-* `load_token_rows` reads .txt / .jsonl / Hugging Face `save_to_disk` sources (or the offline
-  default corpus), splits each source's text into train and validation BEFORE tokenization (so the
-  validation tokens are never trained on), tokenizes each split with EOS between documents and
-  packs it to `[n, seq_length + 1]` int64 rows (`pack_tokens`). Tokenized rows can be cached.
+* `read_documents` reads .txt / .jsonl / Hugging Face `save_to_disk` sources and `split_documents`
+  holds out each source's last share BEFORE tokenization (so validation tokens are never trained
+  on); `nemo_neo.data.from_text` tokenizes the two parts once into Megatron indexed datasets, read
+  back through megatron-core's GPTDataset like any cluster dataset (one loader for all data).
 * `DistributedBatchSampler` turns a number of rows into the micro-batches (row indices) that one
   data-parallel rank processes at each optimizer step: deterministic per-epoch shuffles, disjoint
   rows across DP ranks, and a `state_dict` (steps consumed) so that a resumed run sees exactly the
@@ -31,12 +31,11 @@ from pathlib import Path
 
 import torch
 
-from nemo_neo.data.text import default_corpus, pack_tokens
+from nemo_neo.data.text import default_corpus
 from nemo_neo.errors import ConfigError, DataError, DataFileNotFoundError, MissingDependencyError
 
 CACHE_FORMAT = 1
 _HF_DATASET_MARKERS = ("dataset_info.json", "state.json")
-_TOKENIZE_BATCH = 512  # documents per tokenizer call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,33 +169,8 @@ def split_documents(docs: Sequence[str], valid_fraction: float) -> tuple[list[st
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenization and packing
+# The text cache key (nemo_neo.data.from_text tokenizes each source once per key)
 # ---------------------------------------------------------------------------------------------
-
-
-def tokenize_documents(docs: Sequence[str], tokenizer) -> torch.Tensor:
-    """One int64 token stream: the documents' tokens with the tokenizer's EOS between documents
-    (none added where the tokenizer has no EOS or already ended the document with it)."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    pieces: list[torch.Tensor] = []
-    for start in range(0, len(docs), _TOKENIZE_BATCH):
-        batch = list(docs[start : start + _TOKENIZE_BATCH])
-        # verbose=False: documents are longer than the model's max length by design (we pack them)
-        for ids in tokenizer(batch, verbose=False)["input_ids"]:
-            if pieces and eos is not None and not (len(pieces[-1]) and pieces[-1][-1] == eos):
-                pieces.append(torch.tensor([eos], dtype=torch.long))
-            pieces.append(torch.tensor(ids, dtype=torch.long))
-    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
-
-
-def _pack(stream: torch.Tensor, seq_length: int, split: str, sources_desc: str) -> torch.Tensor:
-    if len(stream) < seq_length + 1:
-        raise DataError(
-            f"the {split} split of {sources_desc} has {len(stream)} tokens, fewer than one row of "
-            f"seq_length + 1 = {seq_length + 1}: pass more text, a smaller seq_length"
-            + (" or a larger valid_fraction." if split == "validation" else ".")
-        )
-    return pack_tokens(stream, seq_length)
 
 
 def _file_fingerprint(path: Path) -> list:
@@ -235,65 +209,6 @@ def _cache_key(paths: list[Path], tokenizer, seq_length: int, valid_fraction: fl
         "valid_fraction": valid_fraction,
     }
     return hashlib.sha1(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def load_token_rows(
-    sources: Sequence[str | os.PathLike],
-    tokenizer,
-    seq_length: int,
-    valid_fraction: float = 0.1,
-    max_train: int | None = None,
-    max_valid: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and validation rows, int64 `[n, seq_length + 1]` (inputs row[:-1], labels row[1:]).
-
-    sources: .txt files, .jsonl files with a "text" field, Hugging Face `save_to_disk` dataset
-        directories ("text" column; needs the `datasets` package); [] = `default_corpus()`.
-    tokenizer: a Hugging Face tokenizer (called on lists of documents; `eos_token_id` separates them).
-    valid_fraction: share of each source's characters held out (0 = no validation rows, an empty
-        `[0, seq_length + 1]` tensor).
-    max_train / max_valid: keep at most this many rows (the first ones); None = all.
-    cache_dir: if given, the tokenized rows are stored there (`rows-<key>.pt`) and reused; the key
-        hashes the sources' resolved paths, sizes and mtimes, the tokenizer (name, vocab size, and
-        definition for fast tokenizers), seq_length and valid_fraction.
-    """
-    if seq_length < 1:
-        raise DataError(f"seq_length must be >= 1, got {seq_length}.")
-    if not 0.0 <= valid_fraction < 1.0:
-        raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction}.")
-    paths = [Path(s) for s in sources]
-    for path in paths:
-        _check_source(path)
-
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"rows-{_cache_key(paths, tokenizer, seq_length, valid_fraction)}.pt"
-    if cache_file is not None and cache_file.is_file():
-        cached = torch.load(cache_file, weights_only=True)
-        train, valid = cached["train"], cached["valid"]
-    else:
-        train_docs, valid_docs = [], []
-        for docs in ([read_documents(p) for p in paths] if paths else [[default_corpus()]]):
-            t, v = split_documents(docs, valid_fraction)
-            train_docs += t
-            valid_docs += v
-        desc = ", ".join(map(str, paths)) if paths else "the default corpus"
-        train = _pack(tokenize_documents(train_docs, tokenizer), seq_length, "training", desc)
-        if valid_fraction > 0:
-            valid = _pack(tokenize_documents(valid_docs, tokenizer), seq_length, "validation", desc)
-        else:
-            valid = torch.empty(0, seq_length + 1, dtype=torch.long)
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
-            torch.save({"train": train, "valid": valid}, tmp)
-            os.replace(tmp, cache_file)  # atomic: a concurrent reader never sees a partial file
-    if max_train is not None:
-        train = train[:max_train]
-    if max_valid is not None:
-        valid = valid[:max_valid]
-    return train, valid
 
 
 # ---------------------------------------------------------------------------------------------

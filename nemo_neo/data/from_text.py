@@ -3,8 +3,8 @@ indexed format and loader as cluster data, in one call:
 
     train, valid = indexed_from_text(sources, tokenizer, seq_length=256, train_samples=steps * gbs)
 
-Each source is split into train and validation documents BEFORE tokenization exactly as
-`load_token_rows` splits it (`split_documents`), the two parts are tokenized once into
+Each source is split into train and validation documents BEFORE tokenization (`split_documents`:
+the last `valid_fraction` of its characters, cut at a paragraph or document boundary), the two parts are tokenized once into
 `<cache>/text-<key>-train` and `-valid` indexed datasets (local rank 0 of each node; the key hashes
 the sources' paths, sizes and mtimes and the tokenizer), and read back through megatron-core's
 GPTDataset with one blend per split, so no validation document is ever in a training sample.

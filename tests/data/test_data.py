@@ -1,7 +1,9 @@
-"""Training data: text sources -> disjoint train/valid token rows, the DP batch sampler, collate.
+"""Training data: text sources -> disjoint train/valid documents in the indexed format, the DP batch
+sampler, collate.
 
-Expected values are computed independently (the tokenizer called directly on the split text, the
-rows of an epoch enumerated, ...), never hard-coded.
+Expected values are computed independently (the tokenizer called directly on the split text and
+compared with what megatron-core's reader returns, the rows of an epoch enumerated, ...), never
+hard-coded.
 """
 
 from __future__ import annotations
@@ -16,14 +18,10 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from nemo_neo.data import (
-    DistributedBatchSampler,
-    collate,
-    load_token_rows,
-    split_documents,
-    split_train_valid,
-)
-from nemo_neo.data import dataset as dataset_module
+from nemo_neo.data import DistributedBatchSampler, collate, indexed_from_text, split_documents, split_train_valid
+from nemo_neo.data import from_text as from_text_module
+from nemo_neo.data.from_text import text_prefixes
+from nemo_neo.errors import DataError
 
 WIKITEXT = SHARED_DATA / "wikitext2_valid.txt"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
@@ -39,26 +37,17 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(default_teacher_checkpoint())
 
 
-def unpack(rows: torch.Tensor) -> torch.Tensor:
-    """The token stream that packed rows were cut from (rows share their boundary token)."""
-    return torch.cat([rows[:, :-1].reshape(-1), rows[-1:, -1]])
+def stored_documents(prefix) -> list[list[int]]:
+    """The documents of an indexed dataset, read by megatron-core's own reader."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    return [dataset[i].tolist() for i in range(len(dataset))]
 
 
-def stream_of(docs, tokenizer) -> list[int]:
-    """Documents tokenized one by one, EOS between them -- written independently of the module."""
-    out: list[int] = []
-    for i, doc in enumerate(docs):
-        if i:
-            out.append(tokenizer.eos_token_id)
-        out += tokenizer(doc, verbose=False).input_ids
-    return out
-
-
-def assert_packed(rows: torch.Tensor, stream: list[int], seq: int):
-    n = (len(stream) - 1) // seq
-    assert rows.dtype == torch.int64 and rows.shape == (n, seq + 1)
-    assert torch.equal(unpack(rows), torch.tensor(stream[: n * seq + 1]))
-    assert torch.equal(rows[1:, 0], rows[:-1, -1])  # consecutive rows share the boundary token
+def encoded(docs, tokenizer) -> list[list[int]]:
+    """Each non-empty document tokenized alone, EOS after it -- written independently of the module."""
+    return [tokenizer(d, verbose=False).input_ids + [tokenizer.eos_token_id] for d in docs if d]
 
 
 def row_set(rows: torch.Tensor) -> set[tuple[int, ...]]:
@@ -66,30 +55,27 @@ def row_set(rows: torch.Tensor) -> set[tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading, splitting, tokenizing, packing
+# Text sources -> train / validation documents in the indexed format (one loader for all data)
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def wikitext_rows(tokenizer):
-    return load_token_rows([WIKITEXT], tokenizer, SEQ, valid_fraction=0.1)
-
-
-def test_txt_rows_are_the_packed_tokens_of_a_disjoint_split(tokenizer, wikitext_rows):
-    train, valid = wikitext_rows
+def test_txt_documents_are_split_before_tokenizing_and_held_out_rows_never_train(tokenizer, tmp_path):
     text = WIKITEXT.read_text()
+    train_prefix, valid_prefix = text_prefixes([WIKITEXT], tokenizer, 0.1, tmp_path, progress=False)
     train_text, valid_text = split_train_valid(text, 0.1)
     assert train_text + valid_text == text  # a partition of the characters
     assert 0.05 < len(valid_text) / len(text) < 0.15
-    assert_packed(train, tokenizer(train_text, verbose=False).input_ids, SEQ)
-    assert_packed(valid, tokenizer(valid_text, verbose=False).input_ids, SEQ)
-    # held-out means held out: no validation row is also a training row
-    assert not row_set(train) & row_set(valid)
+    assert stored_documents(train_prefix) == encoded([train_text], tokenizer)
+    assert stored_documents(valid_prefix) == encoded([valid_text], tokenizer)
+    train, valid = indexed_from_text([WIKITEXT], tokenizer, SEQ, train_samples=8, cache_dir=tmp_path, progress=False)
+    assert valid.dtype == torch.int64 and valid.shape[1] == SEQ + 1
+    assert not row_set(train.rows()) & row_set(valid)  # held-out means held out
     assert len(train) > 5 * len(valid) > 0
 
 
-def test_collate_shifts_labels_by_one(wikitext_rows):
-    rows = wikitext_rows[0][:5]
+def test_collate_shifts_labels_by_one(tokenizer, tmp_path):
+    _, rows = indexed_from_text([WIKITEXT], tokenizer, SEQ, train_samples=8, max_valid=5, cache_dir=tmp_path,
+                                progress=False)
     batch = collate(rows)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["loss_mask"].shape == (5, SEQ)
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
@@ -101,22 +87,19 @@ def paragraphs(path: Path, n_chars: int) -> list[str]:
     return [p for p in path.read_text()[:n_chars].split("\n\n") if p.strip()]
 
 
-def test_jsonl_documents_get_eos_between_them_and_split_per_source(tokenizer, tmp_path):
+def test_jsonl_documents_get_eos_each_and_split_per_source(tokenizer, tmp_path):
     docs = paragraphs(SHAKESPEARE, 40_000)
     jsonl = tmp_path / "shakespeare.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)) + "\n\n")
     txt = tmp_path / "wiki.txt"
     txt.write_text(WIKITEXT.read_text()[:30_000])
 
-    train, valid = load_token_rows([jsonl, txt], tokenizer, SEQ, valid_fraction=0.2)
+    train, valid = text_prefixes([jsonl, txt], tokenizer, 0.2, tmp_path / "cache", progress=False)
     j_train, j_valid = split_documents(docs, 0.2)
     w_train, w_valid = split_train_valid(txt.read_text(), 0.2)
     assert j_valid and j_train  # both sources contribute to both splits
-    assert_packed(train, stream_of(j_train + [w_train], tokenizer), SEQ)
-    assert_packed(valid, stream_of(j_valid + [w_valid], tokenizer), SEQ)
-    eos = tokenizer.eos_token_id
-    assert int((unpack(train) == eos).sum()) >= len(j_train) - 1  # at least the separators
-    assert not row_set(train) & row_set(valid)
+    assert stored_documents(train) == encoded(j_train + [w_train], tokenizer)
+    assert stored_documents(valid) == encoded(j_valid + [w_valid], tokenizer)
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.35])
@@ -133,69 +116,73 @@ def test_split_documents_partitions_at_paragraph_or_document_boundaries(fraction
     assert (single_train[0], single_valid[0]) == split_train_valid("".join(docs), fraction)
 
 
-def test_limits_and_no_validation(tokenizer, tmp_path, wikitext_rows):
+def test_limits_and_no_validation(tokenizer, tmp_path):
     txt = tmp_path / "wiki.txt"
     txt.write_text(WIKITEXT.read_text()[:20_000])
-    full_train, full_valid = load_token_rows([txt], tokenizer, SEQ)
-    train, valid = load_token_rows([txt], tokenizer, SEQ, max_train=7, max_valid=2)
-    assert torch.equal(train, full_train[:7]) and torch.equal(valid, full_valid[:2])
-    train0, valid0 = load_token_rows([txt], tokenizer, SEQ, valid_fraction=0.0)
-    assert valid0.shape == (0, SEQ + 1) and len(train0) > len(full_train)
-    assert_packed(train0, tokenizer(txt.read_text(), verbose=False).input_ids, SEQ)
+    _, full_valid = indexed_from_text([txt], tokenizer, SEQ, train_samples=8, cache_dir=tmp_path, progress=False)
+    _, valid = indexed_from_text([txt], tokenizer, SEQ, train_samples=8, max_valid=2, cache_dir=tmp_path,
+                                 progress=False)
+    assert len(full_valid) > 2 and torch.equal(valid, full_valid[:2])
+    train0, valid0 = indexed_from_text([txt], tokenizer, SEQ, train_samples=8, valid_fraction=0.0,
+                                       cache_dir=tmp_path, progress=False)
+    assert valid0.shape == (0, SEQ + 1)
+    train_prefix, none = text_prefixes([txt], tokenizer, 0.0, tmp_path, progress=False)
+    assert none is None and stored_documents(train_prefix) == encoded([txt.read_text()], tokenizer)
+    with pytest.raises(ValueError, match="valid_fraction"):
+        text_prefixes([txt], tokenizer, 1.0, tmp_path, progress=False)
 
 
-def test_default_corpus_when_no_sources(tokenizer):
+def test_default_corpus_when_no_sources(tokenizer, tmp_path):
     from nemo_neo.data import default_corpus
 
-    train, valid = load_token_rows([], tokenizer, 512, max_train=3)
-    assert train.shape == (3, 513) and len(valid) > 0
+    train, valid = indexed_from_text([], tokenizer, 512, train_samples=3, cache_dir=tmp_path, progress=False)
+    assert train.rows(3).shape == (3, 513) and len(valid) > 0
+    train_prefix, _ = text_prefixes([], tokenizer, 0.1, tmp_path, progress=False)
     train_text, _ = split_train_valid(default_corpus(), 0.1)
-    assert torch.equal(train, torch.tensor(tokenizer(train_text[:20_000], verbose=False).input_ids[: 3 * 512 + 1])
-                       .unfold(0, 513, 512))
+    assert stored_documents(train_prefix) == encoded([train_text], tokenizer)
 
 
-def test_cache_hit_returns_equal_tensors_without_tokenizing(tokenizer, tmp_path, monkeypatch):
+def test_cache_hit_reads_without_tokenizing_and_a_changed_source_is_a_new_key(tokenizer, tmp_path, monkeypatch):
     txt = tmp_path / "shakespeare.txt"
     txt.write_text(SHAKESPEARE.read_text()[:20_000])
     cache = tmp_path / "cache"
-    first = load_token_rows([txt], tokenizer, SEQ, cache_dir=cache)
-    files = sorted(cache.glob("*.pt"))
-    assert len(files) == 1
+    first = indexed_from_text([txt], tokenizer, SEQ, train_samples=8, cache_dir=cache, progress=False)
+    assert len(list(cache.glob("text-*.idx"))) == 2  # train and valid prefixes
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a cache hit must not tokenize")
 
     with monkeypatch.context() as m:
-        m.setattr(dataset_module, "tokenize_documents", no_tokenizing)
-        second = load_token_rows([txt], tokenizer, SEQ, cache_dir=cache, max_train=5)
-    assert torch.equal(second[0], first[0][:5]) and torch.equal(second[1], first[1])
-
-    # a different seq_length or a modified source is a different key
-    load_token_rows([txt], tokenizer, SEQ // 2, cache_dir=cache)
-    assert len(list(cache.glob("*.pt"))) == 2
+        m.setattr(from_text_module, "preprocess_documents", no_tokenizing)
+        second = indexed_from_text([txt], tokenizer, SEQ, train_samples=8, cache_dir=cache, progress=False)
+        indexed_from_text([txt], tokenizer, SEQ // 2, train_samples=8, cache_dir=cache, progress=False)  # same tokens
+    assert torch.equal(second[0].rows(), first[0].rows()) and torch.equal(second[1], first[1])
     txt.write_text(SHAKESPEARE.read_text()[:20_000].upper())
     st = txt.stat()
     os.utime(txt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    changed = load_token_rows([txt], tokenizer, SEQ, cache_dir=cache)
-    assert len(list(cache.glob("*.pt"))) == 3 and not torch.equal(changed[0][:5], first[0][:5])
+    changed = indexed_from_text([txt], tokenizer, SEQ, train_samples=8, cache_dir=cache, progress=False)
+    assert len(list(cache.glob("text-*.idx"))) == 4 and not torch.equal(changed[1], first[1])
 
 
 def test_missing_and_bad_sources_have_clear_errors(tokenizer, tmp_path):
     missing = tmp_path / "nope" / "corpus.txt"
+
+    def load(sources):
+        return indexed_from_text(sources, tokenizer, SEQ, train_samples=8, cache_dir=tmp_path / "c", progress=False)
+
     with pytest.raises(FileNotFoundError, match=rf"{missing}.*does not exist.*\.txt.*\.jsonl.*save_to_disk"):
-        load_token_rows([WIKITEXT, missing], tokenizer, SEQ)
+        load([WIKITEXT, missing])
     with pytest.raises(FileNotFoundError, match="dataset_info.json"):
-        load_token_rows([tmp_path], tokenizer, SEQ)
+        load([tmp_path])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"content": "x"}) + "\n")
     with pytest.raises(ValueError, match=r'bad.jsonl:2 has no "text" field.*content'):
-        load_token_rows([bad], tokenizer, SEQ)
+        load([bad])
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("only a few words\n\nand a few more")
-    with pytest.raises(ValueError, match=r"fewer than one row of seq_length \+ 1 = 65"):
-        load_token_rows([tiny], tokenizer, SEQ)
-    with pytest.raises(ValueError, match="valid_fraction"):
-        load_token_rows([tiny], tokenizer, SEQ, valid_fraction=1.0)
+    with pytest.raises(DataError, match=r"tiny.txt.*fewer than one sample of seq_length \+ 1 = 65"):
+        load([tiny])
+    assert not list((tmp_path / "c").glob("indices/*/.ready"))  # refused before any index was built
 
 
 def hf_dataset_dir(tmp_path) -> Path:
@@ -220,21 +207,21 @@ def test_hf_dataset_directory_reads_the_text_column(tokenizer, tmp_path, monkeyp
     fake = types.ModuleType("datasets")
     fake.load_from_disk = lambda p: loaded.append(p) or FakeDataset()
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    train, valid = load_token_rows([path], tokenizer, SEQ)
+    train, valid = text_prefixes([path], tokenizer, 0.1, tmp_path / "cache", progress=False)
     assert loaded == [str(path)]
     j_train, j_valid = split_documents(docs, 0.1)
-    assert_packed(train, stream_of(j_train, tokenizer), SEQ)
-    assert_packed(valid, stream_of(j_valid, tokenizer), SEQ)
+    assert stored_documents(train) == encoded(j_train, tokenizer)
+    assert stored_documents(valid) == encoded(j_valid, tokenizer)
 
     FakeDataset.column_names = ["content"]
     with pytest.raises(ValueError, match=r'no "text" column.*content'):
-        load_token_rows([path], tokenizer, SEQ)
+        text_prefixes([path], tokenizer, 0.1, tmp_path / "cache2", progress=False)
 
 
 def test_hf_dataset_without_datasets_installed(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(ImportError, match=r"hf_ds.*pip install datasets"):
-        load_token_rows([hf_dataset_dir(tmp_path)], tokenizer, SEQ)
+        text_prefixes([hf_dataset_dir(tmp_path)], tokenizer, 0.1, tmp_path / "cache", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,4 +334,4 @@ def test_a_jsonl_file_that_is_not_utf8_names_the_file_and_byte(tokenizer, tmp_pa
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl is not UTF-8 text: byte 30 \(line 2\)"):
-        load_token_rows([bad], tokenizer, SEQ)
+        text_prefixes([bad], tokenizer, 0.1, tmp_path / "cache", progress=False)

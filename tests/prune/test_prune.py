@@ -140,11 +140,13 @@ def test_real_teacher_pruned_converts_to_hf_and_beats_random(smollm2_ckpt, tmp_p
     importance-based choice gives a lower validation loss than random choice of the same shape."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nemo_neo.data import load_token_rows
+    from nemo_neo.data import indexed_from_text
     from nemo_neo.eval import validation_loss
 
     tok = AutoTokenizer.from_pretrained(smollm2_ckpt)
-    train, valid = load_token_rows([SHARED_DATA / "wikitext2_valid.txt"], tok, 64, max_train=32, max_valid=12)
+    train, valid = indexed_from_text([SHARED_DATA / "wikitext2_valid.txt"], tok, 64, train_samples=32, max_valid=12,
+                                     cache_dir=tmp_path / "data", progress=False)
+    train = train.rows(32)
     model, arch, _ = load_model(smollm2_ckpt, parallel_ctx)
     scores = compute_importance(model, arch, parallel_ctx, train, ImportanceConfig(num_samples=32))
     del model

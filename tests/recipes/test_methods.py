@@ -27,13 +27,15 @@ def train_config(steps=STEPS, lr=5e-3):
 
 
 @pytest.fixture(scope="module")
-def rows(tiny_pair):
+def rows(tiny_pair, module_tmp):
     from transformers import AutoTokenizer
 
-    from nemo_neo.data.dataset import load_token_rows
+    from nemo_neo.data import indexed_from_text
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_pair / "teacher"))
-    return load_token_rows([tiny_pair / "corpus.txt"], tokenizer, 16, max_train=64, max_valid=8)
+    train, valid = indexed_from_text([tiny_pair / "corpus.txt"], tokenizer, 16, train_samples=64, max_valid=8,
+                                     cache_dir=module_tmp("data"), progress=False)
+    return train.rows(64), valid
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO
 
 from nemo_neo.checkpoint.load import load_model
-from nemo_neo.data import collate, load_token_rows
+from nemo_neo.data import collate, indexed_from_text
 from nemo_neo.distill.losses import KDLossConfig, distillation_loss
 from nemo_neo.errors import ConfigError
 from nemo_neo.recipes import config as rc
@@ -71,7 +71,8 @@ def test_top_k_from_the_recipe_trains_with_the_top_k_loss(tiny_pair, parallel_ct
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_pair / "teacher"))
-    train, _ = load_token_rows([tiny_pair / "corpus.txt"], tokenizer, 16, max_train=4, max_valid=2)
+    train = indexed_from_text([tiny_pair / "corpus.txt"], tokenizer, 16, train_samples=4, cache_dir=tmp_path / "data",
+                              progress=False)[0].rows(4)
     method = rc.build(compose("distill.loss.top_k=4")).distill.method
     # one global batch = every row, so the logged loss does not depend on the sampler's order
     cfg = TrainConfig(steps=1, global_batch_size=4, micro_batch_size=2, save_every=1, eval_every=1,

@@ -12,7 +12,7 @@ from nemo_neo import enable_compat  # noqa: E402
 
 enable_compat()  # an entry point: switch on what megatron-core needs here (nemo_neo._compat)
 
-from nemo_neo.data.dataset import load_token_rows  # noqa: E402
+from nemo_neo.data import indexed_from_text  # noqa: E402
 from nemo_neo.distill.losses import KDLossConfig  # noqa: E402
 from nemo_neo.parallel import ParallelConfig, destroy, initialize  # noqa: E402
 from nemo_neo.recipes.distill import distill  # noqa: E402
@@ -44,7 +44,11 @@ def main():
 
     ctx = initialize(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp))
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-    train, valid = load_token_rows([args.data], tokenizer, args.seq, valid_fraction=0.1, max_valid=args.max_valid)
+    # the recipe's loader: the text tokenized once into the indexed format (beside the run directory, so
+    # a killed run and its rerun share it), read back through megatron-core's GPTDataset
+    train, valid = indexed_from_text([args.data], tokenizer, args.seq, train_samples=args.steps * args.gbs,
+                                     valid_fraction=0.1, max_valid=args.max_valid,
+                                     cache_dir=Path(args.run_dir).parent / "data_cache", progress=False)
     cfg = TrainConfig(steps=args.steps, global_batch_size=args.gbs, micro_batch_size=args.mbs,
                       save_every=args.save_every, eval_every=args.eval_every or args.steps,
                       save_keep_last=args.keep_last, save_best_metric=args.best_metric,

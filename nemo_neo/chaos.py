@@ -4,6 +4,9 @@ Inert unless the environment variable NEMO_NEO_CHAOS_KILL is set; then it holds
 ``<stage>:<event>:<n>`` and the n-th time (counted from 1, in this process) that `point(event)` is
 reached while the recipe runs `<stage>`, the process SIGKILLs the torchrun agent, every process
 below it and itself: the job dies as under an OOM killer or a lost node, with no cleanup.
+``<stage>:<event>:<n>:rank<r>`` kills only the worker of global rank r (itself, nothing else): one
+rank lost as to a segfault or a per-process OOM kill, while the others run on into their next
+collective; the job must then end (torchrun's agent stops the others) rather than hang.
 Events (where library code calls `point`):
 
     publish          inside an atomic directory write, before the finished temp dir is published
@@ -37,12 +40,16 @@ def point(event: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    stage, want, n = spec.split(":")
+    stage, want, n, *only = spec.split(":")
     if (stage, want) != (_stage, event):
+        return
+    if only and only[0] != f"rank{os.environ.get('RANK', '0')}":
         return
     key = (stage, event)
     _counts[key] = _counts.get(key, 0) + 1
     if _counts[key] == int(n):
+        if only:
+            os.kill(os.getpid(), signal.SIGKILL)
         kill_job()
 
 

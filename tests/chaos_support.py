@@ -79,7 +79,13 @@ def landing(run: Path) -> str:
     checkpoint and logged step, and whether an atomic write (checkpoint, pruned model, export) was
     under way (its temporary directory is left)."""
     run = Path(run)
-    for stage in STAGES:
+    stages = STAGES
+    if (run / "config.yaml").is_file():  # the stages this run was asked for (stages=[...])
+        from omegaconf import OmegaConf
+
+        asked = OmegaConf.load(run / "config.yaml").get("stages")
+        stages = [s for s in STAGES if asked is None or s in asked]
+    for stage in stages:
         if (run / stage / "metrics.json").is_file():
             continue
         where = [stage]

@@ -46,3 +46,29 @@ def test_sigkilled_at_seeded_points_then_rerun_leaves_the_records_of_an_uninterr
     assert not differences(a, b), differences(a, b)
     correct = b["correct/metrics.json"]
     assert [r["step"] for r in correct["history"]] == [1, 2, 3, 4] and "val_loss" in correct["final"]
+
+
+def test_dp2_killed_whole_and_one_rank_only_then_rerun_leaves_the_records_of_an_uninterrupted_run(tiny_pair, tmp_path):
+    """DP=2: the whole job SIGKILLed (both ranks and the agent) inside a distill save, then only rank 1
+    killed after a later checkpoint while rank 0 runs on into its next collective: that job must end
+    by itself (torchrun's agent stops rank 0; no hang, no exit 0), and the rerun finishes with the
+    records of an uninterrupted DP=2 run."""
+    args = tiny(tiny_pair, "stages=[prune,distill]")
+    full = tmp_path / "full"
+    run_recipe(full, *args, nproc=2)
+
+    chaos = tmp_path / "chaos"
+    whole = subprocess.run(recipe_cmd(chaos, *args, nproc=2), cwd=REPO, env={**env(), ENV: "distill:publish:2"},
+                           start_new_session=True, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == -9, whole.stderr[-3000:]
+    assert landing(chaos).startswith("distill, checkpoint step 3") and "inside a save" in landing(chaos)
+    one = subprocess.run(recipe_cmd(chaos, *args, nproc=2), cwd=REPO, env={**env(), ENV: "distill:checkpoint_saved:2:rank1"},
+                         start_new_session=True, capture_output=True, text=True, timeout=600)
+    # the agent reports the lost worker and exits non-zero (not -9: nobody killed the agent)
+    assert one.returncode not in (0, -9), one.returncode
+    assert "exitcode  : -9" in one.stderr or "Signal 9" in one.stderr, one.stderr[-3000:]
+    assert "not inside a save" in landing(chaos)
+    run_recipe(chaos, *args, nproc=2)
+
+    a, b = records(full), records(chaos)
+    assert not differences(a, b), differences(a, b)

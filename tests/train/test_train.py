@@ -39,12 +39,14 @@ def test_distilling_real_teacher_into_half_depth_student(smollm2_ckpt, tmp_path)
 
 def tiny_args(tmp, run_dir):
     return ["--student", tmp / "student", "--teacher", tmp / "teacher", "--run-dir", run_dir,
-            "--data", tmp / "corpus.txt", "--steps", 60, "--save-every", 5, "--seq", 16, "--gbs", 4, "--mbs", 1]
+            "--data", tmp / "corpus.txt", "--steps", 60, "--save-every", 5, "--seq", 16, "--gbs", 4, "--mbs", 1,
+            "--distributed-optimizer"]
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_pair, tmp_path):
-    """A DP=2 run is killed with SIGKILL after a checkpoint; the same command resumes, and its history
-    (every step, on every rank) equals the uninterrupted run's bit for bit."""
+    """A DP=2 run with the distributed optimizer (each rank holds half of the Adam state) is killed with
+    SIGKILL after a checkpoint; the same command resumes, and its history (every step, on every rank)
+    equals the uninterrupted run's bit for bit, as do the final weights."""
     full = tmp_path / "full"
     torchrun(WORKER, 2, *tiny_args(tiny_pair, full))
     reference = json.loads((full / "result.json").read_text())["history"]
@@ -76,6 +78,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_pair, tmp_path):
     _, a, _ = load_full_state(full / "checkpoints" / "step_0000060")
     _, b, _ = load_full_state(killed / "checkpoints" / "step_0000060")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(killed / "checkpoints" / "step_0000060" / "train_state" / "rank00001.pt", weights_only=False)
+    assert state["optimizer_shards"], "rank 1's own shard of the distributed optimizer's state"
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_pair, tmp_path, parallel_ctx):

@@ -39,6 +39,7 @@ def main():
     p.add_argument("--kind", default="forward_kl")
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: LLM-Neo (KD into LoRA adapters of this rank)")
     p.add_argument("--alpha", type=float, default=0.5, help="LLM-Neo: weight of CE in alpha*CE + (1-alpha)*KL")
+    p.add_argument("--distributed-optimizer", action="store_true", help="optimizer state sharded over DP ranks")
     args = p.parse_args()
     from transformers import AutoTokenizer
 
@@ -52,7 +53,8 @@ def main():
     cfg = TrainConfig(steps=args.steps, global_batch_size=args.gbs, micro_batch_size=args.mbs,
                       save_every=args.save_every, eval_every=args.eval_every or args.steps,
                       save_keep_last=args.keep_last, save_best_metric=args.best_metric,
-                      optim=OptimConfig(lr=args.lr, min_lr=args.lr / 10, warmup_steps=2))
+                      optim=OptimConfig(lr=args.lr, min_lr=args.lr / 10, warmup_steps=2,
+                                        use_distributed_optimizer=args.distributed_optimizer))
     if args.lora_rank > 0:
         from nemo_neo.peft import LoRAConfig
         from nemo_neo.recipes.llm_neo import llm_neo

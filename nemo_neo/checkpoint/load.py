@@ -11,6 +11,7 @@ from nemo_neo.parallel.state import ParallelContext
 
 
 def build_for_context(arch: GPTArch, ctx: ParallelContext, dtype=torch.float32, **config_overrides):
+    config_overrides.setdefault("sequence_parallel", ctx.sequence_parallel)
     config = transformer_config(arch, tp=ctx.tp_size, pp=ctx.pp_size, dtype=dtype, **config_overrides)
     model = build_gpt(arch, config, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage)
     return model.to(ctx.device)

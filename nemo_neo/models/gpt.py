@@ -78,6 +78,19 @@ def transformer_config(arch: GPTArch, tp: int = 1, pp: int = 1, dtype=torch.floa
     return TransformerConfig(**kwargs)
 
 
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm for megatron-core's local spec, with sequence parallelism allowed.
+
+    megatron's WrappedTorchNorm refuses SP and its fused norm needs apex. RMSNorm is per token, so on
+    a sequence shard it computes exactly what it computes on the whole sequence; only its weight's
+    gradient is then partial (this rank's tokens): marking the weight `sequence_parallel` makes
+    megatron's finalize_model_grads all-reduce it over the TP group, as for its own SP norms."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
 def layer_spec(use_te: bool | None = None):
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -88,7 +101,27 @@ def layer_spec(use_te: bool | None = None):
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.input_layernorm = SequenceParallelRMSNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
     return spec
+
+
+def block_spec(config, use_te: bool | None = None):
+    """The decoder block of this pipeline stage: `layer_spec` for each of its layers, and a final
+    norm that matches them (megatron-core would pick WrappedTorchNorm for a bare layer spec)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = layer_spec(use_te)
+    if use_te if use_te is not None else transformer_engine_available():
+        return layer  # Transformer Engine's block: its own TENorm handles sequence parallelism
+    submodules = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                            layer_norm=SequenceParallelRMSNorm)
+    return ModuleSpec(module=TransformerBlock, submodules=submodules)
 
 
 class BatchMajorOutputLayer:
@@ -135,7 +168,7 @@ def build_gpt(arch: GPTArch, config, pre_process: bool = True, post_process: boo
     rope = arch.rope
     model = _gpt_model_class()(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=block_spec(config, use_te),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

@@ -31,6 +31,9 @@ class ParallelConfig:
     seed: int = 1234
     # A rank that stops answering ends the job after this long instead of hanging it forever.
     timeout_minutes: float = 10.0
+    # Megatron's sequence parallelism (with TP > 1): norms, dropout and residuals run on 1/TP of the
+    # sequence; the TP all-reduces become all-gather + reduce-scatter (same bytes, 1/TP activations).
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -48,6 +51,7 @@ class ParallelContext:
     tp_group: object
     pp_group: object
     dp_group: object
+    sequence_parallel: bool = False  # only ever true with tp_size > 1
 
     @property
     def is_first_stage(self) -> bool:
@@ -137,6 +141,7 @@ def initialize(config: ParallelConfig | None = None) -> ParallelContext:
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
+        sequence_parallel=bool(config.sequence_parallel) and config.tensor_parallel > 1,
     )
 
 

@@ -11,6 +11,15 @@ Tensor parallelism follows the base layer's split so that no full weight is ever
   row-parallel base (linear_proj, linear_fc2; input split over TP):
       A [r, in/TP] split by input, B [out, r] replicated. The partial A x of each rank is summed
       with `reduce_from_tensor_model_parallel_region` (all-reduce forward, identity backward).
+Under sequence parallelism the base layers gather / scatter the sequence themselves, and the adapter
+does the same on its r-wide activation, which is cheap:
+  column-parallel: x is this rank's sequence shard; A x is gathered over the sequence
+      (`gather_from_sequence_parallel_region`: all-gather forward, reduce-scatter backward) before B.
+      A and M see this rank's tokens only, so their gradients are partial: marked `sequence_parallel`
+      for finalize_model_grads to all-reduce them over TP (as megatron does for its SP norms).
+  row-parallel: the partial A x of the full sequence is reduce-scattered to this rank's shard
+      (`reduce_scatter_to_sequence_parallel_region`), matching the base output; B and M, replicated,
+      see the shard's tokens only and are marked `sequence_parallel` likewise.
 For the fused qkv projection the adapter may cover only some of q, k, v (KD-LoRA and the LoRA paper
 use q and v): B then has rows for those parts only and its output is scattered into them.
 SwiGLU fc1 ([gate; up] on every rank) gets a B with rows [gate_local; up_local], like the weight.
@@ -25,7 +34,9 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 
 from nemo_neo.parallel.state import ParallelContext
@@ -90,6 +101,11 @@ class LoRALinear(torch.nn.Module):
         self.lora_B = torch.nn.Parameter(torch.zeros(out_adapter, rank, dtype=dtype, device=device))
         self.lora_M = torch.nn.Parameter(torch.empty(rank, rank, dtype=dtype, device=device)) if mixer else None
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
+        self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
+        if self.sequence_parallel:  # the parameters that see only this rank's tokens (see the module doc)
+            for p in ((self.lora_B, self.lora_M) if self.row_parallel else (self.lora_A, self.lora_M)):
+                if p is not None:
+                    p.sequence_parallel = True
         self.reset_parameters()
         for p in base.parameters():
             p.requires_grad_(False)
@@ -106,11 +122,13 @@ class LoRALinear(torch.nn.Module):
         """M A dropout(x), [..., r]: complete (TP-reduced) and the same on every rank."""
         h = torch.nn.functional.linear(self.dropout(x), self.lora_A)
         if self.row_parallel:
-            h = reduce_from_tensor_model_parallel_region(h)
+            h = reduce_scatter_to_sequence_parallel_region(h) if self.sequence_parallel else \
+                reduce_from_tensor_model_parallel_region(h)
         if self.lora_M is not None:
             h = torch.nn.functional.linear(h, self.lora_M)
         if not self.row_parallel:
-            h = copy_to_tensor_model_parallel_region(h)
+            h = gather_from_sequence_parallel_region(h) if self.sequence_parallel else \
+                copy_to_tensor_model_parallel_region(h)
         return h
 
     def forward(self, x, *args, **kwargs):

@@ -244,11 +244,16 @@ def build(cfg: DictConfig) -> RecipeConfig:
     if "prune" in stages and not prune.target and not prune.drop_layers:
         raise RecipeConfigError("the prune stage needs prune.target (e.g. {ffn_hidden_size: 768, hidden_size: 432} "
                                 "or {num_layers: 16}) or prune.drop_layers")
+    parallel = _build(ParallelConfig, _plain(cfg.parallel), "parallel")
+    data = _build(DataSection, _plain(cfg.data), "data")
+    if parallel.sequence_parallel and parallel.tensor_parallel > 1 and data.seq_length % parallel.tensor_parallel:
+        raise RecipeConfigError(f"parallel.sequence_parallel=true splits each sequence over tensor_parallel="
+                                f"{parallel.tensor_parallel} ranks: data.seq_length={data.seq_length} must be a multiple "
+                                "of it (change one, or set parallel.sequence_parallel=false)")
     return RecipeConfig(
         run_dir=cfg.run_dir, resume=bool(cfg.resume), stages=stages,
         keep_training_state=bool(cfg.get("keep_training_state", False)), teacher_checkpoint=cfg.teacher.checkpoint,
-        data=_build(DataSection, _plain(cfg.data), "data"),
-        parallel=_build(ParallelConfig, _plain(cfg.parallel), "parallel"),
+        data=data, parallel=parallel,
         correct=correct, prune=prune, distill=distill,
         cache_teacher=_build(CacheTeacherSection, _plain(cfg.get("cache_teacher")), "cache_teacher"),
         evaluate=_build(EvaluateSection, _plain(cfg.evaluate), "evaluate"),

@@ -63,7 +63,8 @@ def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, cal
         if scores_path:
             scores = load_scores(scores_path)
         else:
-            model, _, _ = load_model(ckpt, ctx)
+            # no sequence parallelism: the importance hooks aggregate over every token of a sequence
+            model, _, _ = load_model(ckpt, ctx, sequence_parallel=False)
             config = importance or ImportanceConfig(num_samples=num_samples)
             scores = compute_importance(model, arch, ctx, train, config)
             del model
@@ -77,7 +78,7 @@ def prune_checkpoint(ckpt, out, target: dict, drop: list[int] | None = None, cal
 
         with tempfile.TemporaryDirectory() as tmp:  # search on the (possibly width-pruned) model
             save_full_state(Path(tmp) / "m", arch, state)
-            model, _, _ = load_model(Path(tmp) / "m", ctx)
+            model, _, _ = load_model(Path(tmp) / "m", ctx, sequence_parallel=False)
             if depth_metric.startswith("task:"):
                 metric, higher = task_metric(ctx, ckpt, depth_metric[5:], task_limit, data_dir), True
             elif depth_metric == "loss":

@@ -104,6 +104,9 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=None, help="working directory (default: a new temporary one, removed)")
     p.add_argument("--one-rank", action="store_true", help="kill one worker at a time, not the whole job")
     p.add_argument("--hang-timeout", type=float, default=120.0)
+    p.add_argument("--delays", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="draw kill delays from [LO, HI] s (default [0, the uninterrupted run's time]); on a loaded "
+                        "machine startup alone can outlast that, and every kill then lands before training")
     a = p.parse_args()
     if a.one_rank and a.nproc < 2:
         p.error("--one-rank needs --nproc >= 2")
@@ -115,7 +118,8 @@ def main() -> int:
     t0 = time.perf_counter()
     launch(work / "full", args, a.nproc, None)
     span = time.perf_counter() - t0
-    print(f"uninterrupted run: {span:.1f} s; kills drawn from [0, {span:.1f}] s after each launch (seed {a.seed})")
+    lo, hi = a.delays or (0.0, span)
+    print(f"uninterrupted run: {span:.1f} s; kills drawn from [{lo:.1f}, {hi:.1f}] s after each launch (seed {a.seed})")
     reference = records(work / "full")
     kills, failed, hangs, rnd = 0, 0, 0, 0
     while kills < a.kills:
@@ -126,7 +130,7 @@ def main() -> int:
             launches += 1
             # no kill once every stage is recorded (the process was only exiting)
             done = landing(run_dir) == "after the last stage" if run_dir.is_dir() else False
-            delay = rng.uniform(0, span) if kills < a.kills and not done else None
+            delay = rng.uniform(lo, hi) if kills < a.kills and not done else None
             finished, what = launch(run_dir, args, a.nproc, delay, victims, a.hang_timeout)
             if finished:
                 break

@@ -53,8 +53,8 @@ def point(event: str) -> None:
         kill_job()
 
 
-def descendants(pid: int) -> list[int]:
-    """All processes below `pid` (from /proc; torchrun starts its workers in process groups of their own)."""
+def _children_of() -> dict[int, list[int]]:
+    """parent pid -> child pids, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -64,9 +64,20 @@ def descendants(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of `pid` (a torchrun agent's: its workers)."""
+    return _children_of().get(pid, [])
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (from /proc; torchrun starts its workers in process groups of their own)."""
+    tree = _children_of()
     out, todo = [], [pid]
     while todo:
-        for child in children.get(todo.pop(), []):
+        for child in tree.get(todo.pop(), []):
             out.append(child)
             todo.append(child)
     return out

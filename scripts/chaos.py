@@ -37,7 +37,7 @@ from chaos_support import differences, landing, records  # noqa: E402
 from conftest import SHARED_DATA, kill_tree, make_hf_model  # noqa: E402
 from test_recipe import env, recipe_cmd, tiny  # noqa: E402
 
-from nemo_neo.chaos import descendants  # noqa: E402
+from nemo_neo.chaos import children  # noqa: E402
 
 
 def tiny_pair(work: Path) -> Path:
@@ -54,19 +54,6 @@ def tiny_pair(work: Path) -> Path:
     return pair
 
 
-def workers(agent_pid: int) -> list[int]:
-    """The torchrun agent's worker processes (its direct children)."""
-    return [pid for pid in descendants(agent_pid) if _parent(pid) == agent_pid]
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def launch(run_dir: Path, args: list[str], nproc: int, kill_after: float | None, one_rank: random.Random | None = None,
            hang_timeout: float = 120.0) -> tuple[bool, str]:
     """One launch of the recipe; (finished: exit 0 before any kill, what was killed)."""
@@ -75,7 +62,7 @@ def launch(run_dir: Path, args: list[str], nproc: int, kill_after: float | None,
     try:
         _, err = proc.communicate(timeout=kill_after)
     except subprocess.TimeoutExpired:
-        ranks = workers(proc.pid) if one_rank is not None else []
+        ranks = children(proc.pid) if one_rank is not None else []
         if not ranks:  # the whole job (or the workers are not up yet: then the agent and all below it)
             kill_tree(proc)
             proc.communicate()

@@ -116,8 +116,10 @@ def block_spec(config, use_te: bool | None = None):
         get_num_layers_to_build,
     )
 
+    if use_te is None:
+        use_te = transformer_engine_available()
     layer = layer_spec(use_te)
-    if use_te if use_te is not None else transformer_engine_available():
+    if use_te:
         return layer  # Transformer Engine's block: its own TENorm handles sequence parallelism
     submodules = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
                                             layer_norm=SequenceParallelRMSNorm)

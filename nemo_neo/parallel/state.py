@@ -35,6 +35,11 @@ class ParallelConfig:
     # sequence; the TP all-reduces become all-gather + reduce-scatter (same bytes, 1/TP activations).
     sequence_parallel: bool = False
 
+    @property
+    def uses_sequence_parallel(self) -> bool:
+        """Whether SP is in effect: asked for, and there is a TP group to split the sequence over."""
+        return bool(self.sequence_parallel) and self.tensor_parallel > 1
+
 
 @dataclass
 class ParallelContext:
@@ -141,7 +146,7 @@ def initialize(config: ParallelConfig | None = None) -> ParallelContext:
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
-        sequence_parallel=bool(config.sequence_parallel) and config.tensor_parallel > 1,
+        sequence_parallel=config.uses_sequence_parallel,
     )
 
 

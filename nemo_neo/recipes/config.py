@@ -246,7 +246,7 @@ def build(cfg: DictConfig) -> RecipeConfig:
                                 "or {num_layers: 16}) or prune.drop_layers")
     parallel = _build(ParallelConfig, _plain(cfg.parallel), "parallel")
     data = _build(DataSection, _plain(cfg.data), "data")
-    if parallel.sequence_parallel and parallel.tensor_parallel > 1 and data.seq_length % parallel.tensor_parallel:
+    if parallel.uses_sequence_parallel and data.seq_length % parallel.tensor_parallel:
         raise RecipeConfigError(f"parallel.sequence_parallel=true splits each sequence over tensor_parallel="
                                 f"{parallel.tensor_parallel} ranks: data.seq_length={data.seq_length} must be a multiple "
                                 "of it (change one, or set parallel.sequence_parallel=false)")

@@ -46,7 +46,7 @@ def check_layout_fits(cfg: rc.RecipeConfig, plan_node, world_size: int, teacher_
     par, train = cfg.parallel, cfg.distill.train
     tp, pp = par.tensor_parallel, par.pipeline_parallel
     layout = Layout(tp=tp, pp=pp, vpp=getattr(par, "virtual_pipeline", None) or 1, dp=world_size // (tp * pp),
-                    sequence_parallel=par.sequence_parallel and tp > 1,
+                    sequence_parallel=par.uses_sequence_parallel,
                     distributed_optimizer=train.optim.use_distributed_optimizer,
                     recompute=getattr(par, "recompute", None) or "none")
     dtype = "bf16" if default_dtype() == torch.bfloat16 else "fp32"

@@ -32,6 +32,7 @@ from nemo_neo import chaos
 from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import link_model_files, read_index
 from nemo_neo.eval.lm_loss import validation_loss
+from nemo_neo.eval.tasks import task_manager
 from nemo_neo.models.arch import GPTArch, transformers_config
 from nemo_neo.prune.importance import ImportanceConfig, compute_importance
 from nemo_neo.prune.search import (
@@ -133,8 +134,6 @@ def check(cfg: SearchConfig, arch: GPTArch, tp: int = 1, pp: int = 1) -> list[di
     when none fits) and, for a task score, that lm-eval knows the task."""
     candidates = enumerate_candidates(arch, cfg.space(tp, pp))
     if cfg.score.startswith("task:"):
-        from nemo_neo.eval.tasks import task_manager
-
         task = cfg.score[5:]
         if task not in task_manager(data_dir=cfg.data_dir, include_defaults=False).all_tasks:
             raise SearchError(f"score={cfg.score!r}: lm-eval has no task {task!r}; use one of the pack's (e.g. "

@@ -18,8 +18,10 @@ Budgets (all must hold, AND):
   non_embedding_params  parameters outside the embedding and output layer
   memory_gb             inference memory in GB (1e9 bytes): weights at `memory.dtype` plus the KV
                         cache for `memory.batch_size` sequences of `memory.seq_length` tokens
-  latency_ms, throughput  measured on this machine (the workflow passes a `measure` function; see
-                        nemo_neo.recipes.arch_search); applied to the maximal arithmetic candidates
+  latency_ms, throughput  measured on this machine by the workflow (nemo_neo.recipes.arch_search.measure,
+                        a random-weight model of each shape through the throughput tool's torch
+                        backend); applied to the maximal arithmetic candidates, so a candidate that is
+                        too slow is dropped, not replaced by a smaller one
 """
 
 from __future__ import annotations

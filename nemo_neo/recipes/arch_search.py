@@ -351,7 +351,7 @@ def markdown_table(result: dict) -> str:
                      f"{c['num_attention_heads']} | {c['num_query_groups']} | {c['parameters'] / 1e6:.2f}M | "
                      f"{c['quick_score']:.4f} | {kd} | {'winner' if c['winner'] else ''} |")
     rho = result["rank_correlation"]
-    lines += ["", f"Spearman rank correlation, quick vs KD score over the distilled candidates: "
-                  f"{'n/a' if rho is None else f'{rho:.3f}'}", ""]
+    lines += ["", f"Spearman rank correlation of the quick and KD rankings over the distilled candidates (+1: the "
+                  f"same order): {'n/a' if rho is None else f'{rho:.3f}'}", ""]
     return "\n".join(lines)
 

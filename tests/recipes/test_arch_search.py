@@ -3,7 +3,8 @@
 The real SmolLM2 teacher runs one small search end to end (3 candidates, top-2 distilled for one step
 each, then the distill stage). The quick-score check (every candidate against pruning that shape
 directly), SIGKILL / rerun and the command line use the tiny random teacher on SmolLM2's vocabulary
-(tests/conftest.py `tiny_pair`), so that the whole set stays short.
+(tests/conftest.py `tiny_pair`), so that the whole set stays short; the lm-eval task score (slow: lm-eval
+reads the task's files for every scored candidate) runs on the tiny teacher through the command line.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO, read_json
+from conftest import REPO, SHARED_DATA, read_json
 from test_recipe import env, recipe_cmd, run_recipe, tiny, user_error
 from test_recipe_config import compose
 
@@ -189,16 +190,23 @@ def test_spearman_rank_correlation():
 # --- on a checkpoint: the command line, and measured budgets ------------------------------------------
 
 
-def test_prune_search_on_a_checkpoint_writes_the_winner_and_the_results(tiny_pair, tmp_path, capsys):
+@pytest.mark.slow
+def test_prune_search_on_a_checkpoint_scored_by_a_task_writes_the_winner_and_the_results(tiny_pair, tmp_path, capsys):
+    """The command line on a checkpoint, with a measured latency budget and an lm-eval task as the KD score."""
     out = tmp_path / "student"
     assert prune_main(["--ckpt", str(tiny_pair / "teacher"), "--out", str(out), "--search",
                        "non_embedding_params=15000,latency_ms=1e6", "--search-axes", "ffn_hidden_size,num_attention_heads",
                        "--multiple-of", "ffn_hidden_size=16", "--calib-data", str(tiny_pair / "corpus.txt"),
-                       "--num-samples", "8", "--seq-length", "16", "--top-k", "1", "--kd-steps", "1",
-                       "--kd-batch-size", "2,2", "--measure", "8,2,1"]) == 0
+                       "--num-samples", "8", "--seq-length", "16", "--top-k", "2", "--kd-steps", "1",
+                       "--kd-batch-size", "2,2", "--measure", "8,2,1", "--score", "task:neo_winogrande",
+                       "--task-limit", "4", "--data-dir", str(SHARED_DATA)]) == 0
     result = read_json(tmp_path / "student_search" / "results.json")
-    assert [c["id"] for c in result["candidates"]] == ["L2-h32-f48-a2-g2", "L2-h32-f32-a4-g2"]
-    assert all(0 < c["measured"]["latency_ms"] <= 1e6 and c["measured"]["throughput"] > 0 for c in result["candidates"])
+    cands = result["candidates"]
+    assert [c["id"] for c in cands] == ["L2-h32-f48-a2-g2", "L2-h32-f32-a4-g2"]
+    assert all(0 < c["measured"]["latency_ms"] <= 1e6 and c["measured"]["throughput"] > 0 for c in cands)
+    assert result["higher_is_better"] and all(0 <= c["kd_score"] <= 1 for c in cands)  # accuracy on 4 documents
+    best = max(cands, key=lambda c: (c["kd_score"], -c["quick_score"]))  # ties: the better quick score
+    assert result["winner"] == best["id"]
     assert same_weights(out, tmp_path / "student_search" / result["winner"] / "pruned")
     assert result["winner"] in capsys.readouterr().out
 

@@ -19,6 +19,7 @@ model, so the distill stage trains the winning shape from its pruned weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -165,6 +166,13 @@ class ArchSearch:
         self.kd_cfg = replace(train_cfg, steps=cfg.kd_steps, eval_every=cfg.kd_steps,
                               save_every=max(1, min(train_cfg.save_every, cfg.kd_steps)))
 
+    def fingerprint(self) -> str:
+        """What the records in `work` depend on: the search and short-KD settings, models and data sizes."""
+        what = {"search": asdict(self.cfg), "kd": asdict(self.kd_cfg), "method": asdict(self.method),
+                "importance": asdict(self.importance), "depth_metric": self.depth_metric, "source": str(self.source),
+                "teacher": str(self.teacher), "rows": [len(self.train or ()), len(self.valid if self.valid is not None else ())]}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def _write(self, path: Path, data: dict) -> None:
         if self.ctx.is_main:
             write_json(path, data)
@@ -175,6 +183,10 @@ class ArchSearch:
         path = self.work / "candidates.json"
         recorded = _read(path)
         if recorded is not None:
+            if recorded.get("fingerprint") != self.fingerprint():
+                # its records (scores, short runs) answer another question: mixing them would rank wrongly
+                raise SearchError(f"{self.work} holds a search with other settings (budget, bounds, steps, data or "
+                                  "models); remove that directory or choose a new run_dir / --search-dir")
             return recorded["candidates"]
         arch, _ = read_index(self.source)
         found = check(self.cfg, arch, self.tp, self.pp)
@@ -191,7 +203,8 @@ class ArchSearch:
                                   f"machine: the best measured of the {len(found)} candidates is {best} (smallest "
                                   f"{found[-1]['id']}, {found[-1]['parameters']:,} parameters); relax the budget")
             found = kept
-        self._write(path, {"source": str(self.source), "budget": self.cfg.budget, "candidates": found})
+        self._write(path, {"source": str(self.source), "budget": self.cfg.budget, "fingerprint": self.fingerprint(),
+                           "candidates": found})
         return found
 
     def scores_path(self) -> Path:

@@ -219,3 +219,11 @@ def test_a_measured_budget_nothing_meets_names_the_best_measured(tiny_pair, tmp_
     with pytest.raises(SearchError, match=r"no candidate meets throughput=1e\+12 on this machine: the best measured"):
         search.candidates()
     assert not (tmp_path / "candidates.json").exists()
+
+
+def test_a_search_directory_of_other_settings_is_refused(tiny_pair, tmp_path, parallel_ctx):
+    (tmp_path / "candidates.json").write_text('{"fingerprint": "another", "candidates": []}')
+    search = ArchSearch(parallel_ctx, SearchConfig(budget={"non_embedding_params": 15000}), tiny_pair / "teacher",
+                        tiny_pair / "teacher", None, None, None, tmp_path, MethodConfig(), TrainConfig())
+    with pytest.raises(SearchError, match="holds a search with other settings"):
+        search.candidates()

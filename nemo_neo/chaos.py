@@ -16,6 +16,8 @@ Events (where library code calls `point`):
     trained          after a Trainer's last step, before the stage writes its final checkpoint
     before_metrics   after a stage returned, before the driver writes its metrics.json
     cache_chunk      a teacher-cache chunk is written to its temporary file, not yet renamed into place
+    candidate_finished  an architecture-search candidate's short distillation is recorded (kd.json),
+                     before its training state is released and before the next candidate
 
 The recipe's driver names the running stage with `set_stage`. tests/recipes/test_chaos.py and
 scripts/chaos.py use it; nothing else should.

@@ -19,7 +19,13 @@ Architecture search (Minitron): the maximal candidate shapes under a budget, wit
   python tools/prune.py --hf-config config.json --search params=4.6e9 --dry-run \
       [--multiple-of hidden_size=256,ffn_hidden_size=512] [--max-width-pruning 0.5 --max-depth-pruning 0.5]
       [--search-axes num_layers,hidden_size,ffn_hidden_size] [--memory 1,4096,bfloat16]
-  budgets: params, non_embedding_params, memory_gb (weights + KV cache at --memory batch,seq,dtype), AND-ed.
+  budgets: params, non_embedding_params, memory_gb (weights + KV cache at --memory batch,seq,dtype), AND-ed;
+  on a checkpoint also latency_ms / throughput, measured here (torch backend, --measure isl,osl,batch).
+And on a checkpoint: every candidate pruned by importance and scored by the validation loss, the best
+--top-k distilled from the checkpoint for --kd-steps each and scored again; the winner's pruned weights
+go to --out, results.json / results.md / search.png (and the resumable work) to --search-dir:
+  python tools/prune.py --ckpt teacher/ --out student/ --search params=100e6 --calib-data text.txt \
+      --top-k 3 --kd-steps 20 [--score val_loss|task:neo_winogrande --data-dir ../shared/data]
 
 Scores are saved (--save-scores) and reused (--scores) so pruning can be redone without recalibrating.
 """
@@ -33,11 +39,17 @@ from nemo_neo import enable_compat
 from nemo_neo.checkpoint.atomic import check_output_dir
 from nemo_neo.checkpoint.native import read_index
 from nemo_neo.errors import exit_on_user_error
-from nemo_neo.models.arch import arch_from_hf_config
+from nemo_neo.models.arch import arch_from_hf_config, transformers_config
+from nemo_neo.parallel import initialize
 from nemo_neo.prune.depth import check_drop_layers
-from nemo_neo.prune.search import MemorySpec, SearchError, SearchSpace, enumerate_candidates, parse_budget
+from nemo_neo.prune.importance import ImportanceConfig
+from nemo_neo.prune.search import MemorySpec, SearchError, enumerate_candidates, parse_budget
 from nemo_neo.prune.width import PruneTargetError, parse_target, pruned_arch
-from nemo_neo.recipes.prune import prune_checkpoint
+from nemo_neo.recipes.arch_search import ArchSearch, MeasureSpec, SearchConfig, check
+from nemo_neo.recipes.methods import MethodConfig
+from nemo_neo.recipes.prune import prune_checkpoint, text_samples
+from nemo_neo.train.loop import TrainConfig
+from nemo_neo.train.optim import OptimConfig
 
 
 def parse_layers(text: str) -> list[int]:
@@ -60,10 +72,9 @@ def student_arch(arch, target_text: str = "", drop_text: str | None = None, tp: 
 def meta_parameter_count(hf_config: dict) -> tuple[int, int]:
     """(total, non-embedding) parameters of the HF model built on the meta device."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = dict(hf_config)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
+    config = transformers_config(hf_config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
@@ -104,6 +115,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-depth-pruning", type=float, default=0.5, help="largest fraction of the layers to prune")
     p.add_argument("--multiple-of", default="", help="grid step per axis, e.g. hidden_size=256,ffn_hidden_size=512")
     p.add_argument("--memory", default="1,4096,bfloat16", help="memory_gb budget's batch,seq_length,dtype")
+    p.add_argument("--measure", default="128,32,1", help="latency_ms / throughput budgets: ISL,OSL,batch size")
+    p.add_argument("--max-candidates", type=int, default=None, help="quick-score only the largest N candidates")
+    p.add_argument("--top-k", type=int, default=3, help="candidates (best quick scores) that get a short distillation")
+    p.add_argument("--kd-steps", type=int, default=20, help="steps of each short distillation")
+    p.add_argument("--kd-batch-size", default="8,2", help="global,micro batch size of the short distillations")
+    p.add_argument("--kd-lr", type=float, default=1e-4, help="peak LR of the short distillations (cosine to a tenth)")
+    p.add_argument("--score", default="val_loss", help="KD score: val_loss or task:<lm-eval task> (accuracy)")
+    p.add_argument("--search-dir", default=None, help="the search's work and results (default: <out>_search)")
     args = p.parse_args(argv)
     enable_compat()
 
@@ -132,31 +151,56 @@ def main(argv=None) -> int:
         return 0
 
 
-def search_space(args) -> SearchSpace:
+def _ints(text: str, option: str, example: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SearchError(f"{option} {text!r}: use integers like {example}") from None
+
+
+def search_config(args) -> SearchConfig:
     batch, seq, dtype = (args.memory.split(",") + ["", "", ""])[:3]
     try:
         memory = MemorySpec(int(batch or 1), int(seq or 4096), dtype or "bfloat16")
     except ValueError:
         raise SearchError(f"--memory {args.memory!r}: use batch,seq_length,dtype (e.g. 1,4096,bfloat16)") from None
+    isl, osl, bs = (_ints(args.measure, "--measure", "128,32,1") + [1, 1, 1])[:3]
     kwargs = {}
     if args.search_axes:
         kwargs["axes"] = [a.strip() for a in args.search_axes.split(",") if a.strip()]
-    return SearchSpace(budget=parse_budget(args.search), max_width_pruning=args.max_width_pruning,
-                       max_depth_pruning=args.max_depth_pruning, multiple_of=parse_target(args.multiple_of),
-                       tp=args.tp, pp=args.pp, memory=memory, **kwargs)
+    return SearchConfig(budget=parse_budget(args.search), max_width_pruning=args.max_width_pruning,
+                        max_depth_pruning=args.max_depth_pruning, multiple_of=parse_target(args.multiple_of),
+                        memory=memory, measure=MeasureSpec(isl, osl, bs), max_candidates=args.max_candidates,
+                        top_k=args.top_k, kd_steps=args.kd_steps, score=args.score, task_limit=args.task_limit,
+                        data_dir=args.data_dir, **kwargs)
 
 
 def _search(args, arch) -> int:
-    space = search_space(args)
-    candidates = enumerate_candidates(arch, space)
-    if not args.dry_run:
-        # the weight-touching search (quick score + short KD per candidate) runs in the recipe:
-        # prune.search in conf/prune_distill.yaml
-        raise SearchError("--search on a checkpoint is run by the recipe's prune.search section for now; "
-                          "pass --dry-run to list the candidates")
-    before = meta_parameter_count(arch.to_hf_config())
-    print(json.dumps({"original": {**describe(arch), "parameters": before[0], "non_embedding_parameters": before[1]},
-                      "budget": space.budget, "memory": vars(space.memory), "candidates": candidates}, indent=2))
+    cfg = search_config(args)
+    space = cfg.space(args.tp, args.pp)
+    if args.dry_run:
+        candidates = enumerate_candidates(arch, space)
+        before = meta_parameter_count(arch.to_hf_config())
+        print(json.dumps({"original": {**describe(arch), "parameters": before[0], "non_embedding_parameters": before[1]},
+                          "budget": space.budget, "memory": vars(space.memory), "candidates": candidates}, indent=2))
+        return 0
+    if not args.ckpt or not args.out:
+        raise SearchError("the search on weights needs --ckpt and --out (or pass --dry-run to list the candidates)")
+    check_output_dir(args.out, args.overwrite)
+    check(cfg, arch, args.tp, args.pp)  # nothing fits, an unknown task: one line before any work
+    gbs, mbs = (_ints(args.kd_batch_size, "--kd-batch-size", "8,2") + [2])[:2]
+    train, valid = text_samples(args.ckpt, args.calib_data, args.seq_length, max(args.num_samples, cfg.kd_steps * gbs))
+    out = Path(args.out)
+    work = Path(args.search_dir) if args.search_dir else out.with_name(out.name + "_search")
+    search = ArchSearch(initialize(), cfg, args.ckpt, args.ckpt, train, valid, train.rows(args.num_samples), work,
+                        MethodConfig(method="kd"), TrainConfig(global_batch_size=gbs, micro_batch_size=mbs,
+                                                               optim=OptimConfig(lr=args.kd_lr, min_lr=args.kd_lr / 10)),
+                        ImportanceConfig(num_samples=args.num_samples), depth_metric=args.depth_metric, tp=args.tp,
+                        pp=args.pp)
+    result = search.run(out)
+    print((work / "results.md").read_text())
+    print(json.dumps({"winner": result["winner"], "checkpoint": str(out), "results": str(work / "results.json"),
+                      "png": str(work / "search.png"), "rank_correlation": result["rank_correlation"]}))
     return 0
 
 

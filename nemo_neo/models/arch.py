@@ -165,3 +165,12 @@ def arch_from_hf_config(cfg: dict) -> GPTArch:
         qkv_bias=qkv_bias,
         hf_config=clean,
     )
+
+
+def transformers_config(hf_config: dict):
+    """A transformers config object for an HF config.json dict (to build the model, e.g. on the meta
+    device or with random weights)."""
+    from transformers import AutoConfig
+
+    cfg = dict(hf_config)
+    return AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})

@@ -18,8 +18,10 @@ Budgets (all must hold, AND):
   non_embedding_params  parameters outside the embedding and output layer
   memory_gb             inference memory in GB (1e9 bytes): weights at `memory.dtype` plus the KV
                         cache for `memory.batch_size` sequences of `memory.seq_length` tokens
-  latency_ms, throughput  measured on this machine (the workflow passes a `measure` function; see
-                        nemo_neo.recipes.arch_search); applied to the maximal arithmetic candidates
+  latency_ms, throughput  measured on this machine by the workflow (nemo_neo.recipes.arch_search.measure,
+                        a random-weight model of each shape through the throughput tool's torch
+                        backend); applied to the maximal arithmetic candidates, so a candidate that is
+                        too slow is dropped, not replaced by a smaller one
 """
 
 from __future__ import annotations
@@ -150,8 +152,9 @@ def axis_values(arch: GPTArch, space: SearchSpace, axis: str) -> list[int]:
     return sorted({v for v in range(m * math.ceil(low / m), top + 1, m) if v >= 1} | {top})
 
 
-def _arch_for(arch: GPTArch, point: dict) -> GPTArch:
-    """The pruned shape by arithmetic only (no validation): a cheap copy with the five keys set."""
+def arch_for(arch: GPTArch, point: dict) -> GPTArch:
+    """The pruned shape by arithmetic only (no validation): a cheap copy with the five keys set
+    (also what the workflow builds random-weight models of, to time them)."""
     new = GPTArch(**{**{f: getattr(arch, f) for f in arch.__dataclass_fields__ if f != "hf_config"}, **point})
     new.hf_config = arch.hf_config
     return new
@@ -174,7 +177,7 @@ def grid(arch: GPTArch, space: SearchSpace):
 
 
 def candidate_record(arch: GPTArch, point: dict, space: SearchSpace) -> dict:
-    new = _arch_for(arch, point)
+    new = arch_for(arch, point)
     kinds = ["width"] if any(point[k] != getattr(arch, k) for k in WIDTH_AXES) else []
     kinds += ["depth"] if point["num_layers"] != arch.num_layers else []
     m = measures(new, space.memory)
@@ -197,7 +200,7 @@ def enumerate_candidates(arch: GPTArch, space: SearchSpace) -> list[dict]:
     arithmetic = {k: v for k, v in space.budget.items() if k in ARITHMETIC_BUDGETS}
     values = {axis: axis_values(arch, space, axis) for axis in AXES}
     source = shape(arch)
-    scratch = _arch_for(arch, source)
+    scratch = arch_for(arch, source)
 
     def fits(point: dict) -> bool:
         for key, value in point.items():  # one reused arch: counting must not allocate per point
@@ -235,7 +238,7 @@ def _grows(point: dict, axis: str, axis_grid: list[int], source: dict, fits, val
 
 def _validator(arch: GPTArch, space: SearchSpace):
     """`valid(point)`, cached: pruning's own target check (`pruned_arch`) on a light copy."""
-    light = _arch_for(arch, shape(arch))
+    light = arch_for(arch, shape(arch))
     light.hf_config = {}  # pruned_arch deep-copies the arch; the HF dict plays no part in its checks
     cache: dict[tuple, bool] = {}
 
@@ -259,7 +262,7 @@ def smallest_reachable(arch: GPTArch, space: SearchSpace, valid=None) -> dict | 
     for point in grid(arch, space):
         if point == shape(arch) or not valid(point):
             continue
-        params = _arch_for(arch, point).num_parameters()
+        params = arch_for(arch, point).num_parameters()
         if best is None or params < best[0]:
             best = (params, point)
     return candidate_record(arch, best[1], space) if best else None

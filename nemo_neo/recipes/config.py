@@ -21,6 +21,8 @@ from nemo_neo.errors import ConfigError
 from nemo_neo.parallel import ParallelConfig
 from nemo_neo.peft.apply import LoRAConfig
 from nemo_neo.prune.importance import ImportanceConfig
+from nemo_neo.prune.search import MemorySpec
+from nemo_neo.recipes.arch_search import MeasureSpec, SearchConfig
 from nemo_neo.recipes.methods import METHODS, MethodConfig
 from nemo_neo.train.loop import TrainConfig
 from nemo_neo.train.optim import OptimConfig
@@ -76,6 +78,7 @@ class PruneSection:
     data_dir: str | None = None
     random_init: bool = False
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    search: SearchConfig | None = None  # Minitron's architecture search instead of a fixed target (budget set)
 
 
 @dataclass
@@ -209,6 +212,18 @@ def method_config(method: str, loss_node, lora_node, where: str) -> MethodConfig
     return _build(MethodConfig, {"method": method, "loss": loss, "lora": lora}, where)
 
 
+def search_config(node) -> SearchConfig | None:
+    """prune.search, typed (unknown keys refused by name, nested ones too); None while no budget is set."""
+    values = _plain(node)
+    where = "prune.search"
+    for key in ("budget", "multiple_of"):  # conf/ lists every key, null = not set
+        values[key] = {k: v for k, v in _plain(values.get(key)).items() if v is not None}
+    values["memory"] = _build(MemorySpec, _plain(values.get("memory")), f"{where}.memory")
+    values["measure"] = _build(MeasureSpec, _plain(values.get("measure")), f"{where}.measure")
+    search = _build(SearchConfig, values, where)
+    return search if search.enabled else None
+
+
 def build(cfg: DictConfig) -> RecipeConfig:
     """The typed recipe config, or one `RecipeConfigError` naming the key and the fix."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -237,13 +252,17 @@ def build(cfg: DictConfig) -> RecipeConfig:
     if correct.in_parallel and distill.method.method != "kd":
         raise RecipeConfigError("correct.in_parallel=true corrects the teacher while a full-parameter student "
                                 f"distills from it; it needs distill.method=kd (got {distill.method.method!r})")
-    prune_values = {k: v for k, v in _plain(p).items() if k != "importance"}
+    prune_values = {k: v for k, v in _plain(p).items() if k not in ("importance", "search")}
     prune = _build(PruneSection, {**prune_values, "target": dict(prune_values.get("target") or {}),
-                                  "importance": _build(ImportanceConfig, _plain(p.importance), "prune.importance")},
+                                  "importance": _build(ImportanceConfig, _plain(p.importance), "prune.importance"),
+                                  "search": search_config(p.get("search"))},
                    "prune")
-    if "prune" in stages and not prune.target and not prune.drop_layers:
+    if prune.search is not None and (prune.target or prune.drop_layers):
+        raise RecipeConfigError("prune.search chooses the pruned shape itself: clear the fixed target (prune.target=null "
+                                "prune.drop_layers=null; presets set one), or drop the search budget")
+    if "prune" in stages and not prune.target and not prune.drop_layers and prune.search is None:
         raise RecipeConfigError("the prune stage needs prune.target (e.g. {ffn_hidden_size: 768, hidden_size: 432} "
-                                "or {num_layers: 16}) or prune.drop_layers")
+                                "or {num_layers: 16}), prune.drop_layers, or a search budget (prune.search.budget.params=100e6)")
     parallel = _build(ParallelConfig, _plain(cfg.parallel), "parallel")
     data = _build(DataSection, _plain(cfg.data), "data")
     if parallel.uses_sequence_parallel and data.seq_length % parallel.tensor_parallel:

@@ -17,11 +17,11 @@ from omegaconf import DictConfig
 
 from nemo_neo import chaos
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
-from nemo_neo.checkpoint.native import INDEX, is_neo_checkpoint
+from nemo_neo.checkpoint.native import INDEX, is_neo_checkpoint, read_index
 from nemo_neo.export.hf import is_hf_dir
 from nemo_neo.parallel import ParallelContext, initialize
+from nemo_neo.recipes import arch_search, plan_check
 from nemo_neo.recipes import config as rc
-from nemo_neo.recipes import plan_check
 from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
 from nemo_neo.recipes.run_dir import RunDirectory
 from nemo_neo.recipes.stages import Recipe
@@ -64,6 +64,12 @@ def run(cfg: DictConfig) -> dict:
                  ctx.world_size, ctx.tp_size, ctx.pp_size, ctx.dp_size)
     recipe = Recipe(recipe_cfg, ctx, run_dir, resolve_teacher(recipe_cfg, ctx, run_dir))
     plan_check.check_layout_fits(recipe_cfg, cfg.get("plan"), ctx.world_size, recipe.teacher)  # refuse a layout that cannot fit
+    search = recipe_cfg.prune.search
+    if search is not None and "prune" in recipe_cfg.stages and run_dir.done("prune") is None:
+        # a budget nothing meets is one error line now, not after the stages before prune have run
+        source = recipe_cfg.prune.input or recipe.teacher
+        arch_search.check(search, read_index(source)[0], recipe_cfg.parallel.tensor_parallel,
+                          recipe_cfg.parallel.pipeline_parallel)
     summary = {}
     for stage in rc.STAGES:
         if stage not in recipe_cfg.stages:

@@ -84,3 +84,43 @@ def comparison(results: dict[str, dict], out: Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[int]:
+    """Indices of the (parameters, score) points no other point beats with as few parameters."""
+    better = (lambda a, b: a >= b) if higher_is_better else (lambda a, b: a <= b)
+    front = []
+    for i, (p, s) in enumerate(points):
+        if not any(j != i and q <= p and better(t, s) and (q, t) != (p, s) for j, (q, t) in enumerate(points)):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def search_scores(candidates: list[dict], out: Path, score: str, higher_is_better: bool) -> Path:
+    """Architecture search: parameters vs quick score (every candidate) and KD score (the top-K),
+    each series' Pareto front drawn as a line, the winner starred."""
+    plt = _pyplot()
+    fig, (ax_q, ax_k) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = ((ax_q, "quick_score", "quick score: val loss after pruning", False),
+              (ax_k, "kd_score", f"KD score after the short distillation ({score})", higher_is_better))
+    for ax, key, title, higher in series:
+        rows = [c for c in candidates if key in c]
+        points = [(c["parameters"] / 1e6, c[key]) for c in rows]
+        ax.scatter(*zip(*points), s=28, color="#4c72b0", label="candidate", zorder=2)
+        front = pareto_front(points, higher)
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o--", color="#c44e52", mfc="none", ms=10,
+                label="Pareto front", zorder=3)
+        for c, (x, y) in zip(rows, points):
+            ax.annotate(c["id"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            if c.get("winner"):
+                ax.scatter([x], [y], marker="*", s=220, color="#dd8452", label="winner", zorder=4)
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel(("higher" if higher else "lower") + " is better")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -20,15 +20,21 @@ from nemo_neo.recipes.depth_search import loss_metric, search_depth, task_metric
 WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
 
-def _calibration_rows(ckpt, calib_data, seq_length: int, num_samples: int):
+def text_samples(ckpt, text_files, seq_length: int, train_samples: int):
+    """(training samples, held-out rows) of text files (default: CPython's docs), tokenized by the
+    checkpoint's tokenizer: calibration, and the architecture search's short distillations."""
     from transformers import AutoTokenizer
 
     if not has_tokenizer(ckpt):
         raise CheckpointError(f"{ckpt} has no tokenizer files, so calibration text cannot be tokenized; convert the "
                               "model with its tokenizer, or pass importance scores with --scores")
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
-    train, valid = indexed_from_text(calib_data or [], tokenizer, seq_length, train_samples=num_samples,
-                                     valid_fraction=0.1, cache_dir=cache_root() / "indexed")
+    return indexed_from_text(text_files or [], tokenizer, seq_length, train_samples=train_samples,
+                             valid_fraction=0.1, cache_dir=cache_root() / "indexed")
+
+
+def _calibration_rows(ckpt, calib_data, seq_length: int, num_samples: int):
+    train, valid = text_samples(ckpt, calib_data, seq_length, num_samples)
     return train.rows(num_samples), valid
 
 

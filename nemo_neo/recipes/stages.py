@@ -13,17 +13,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nemo_neo.checkpoint.load import build_for_context, load_model
+from nemo_neo.checkpoint.load import build_for_context
 from nemo_neo.checkpoint.native import link_model_files, read_index, save_distributed
 from nemo_neo.data import build_gpt_datasets, default_corpus, indexed_from_text
 from nemo_neo.distill.cache_writer import write_teacher_cache
-from nemo_neo.eval import validation_loss
 from nemo_neo.eval.harness import accuracies, evaluate
 from nemo_neo.export.fp8 import export_fp8
 from nemo_neo.export.hf import export_hf
 from nemo_neo.parallel import ParallelContext
+from nemo_neo.prune.search import AXES
 from nemo_neo.recipes import config as rc
 from nemo_neo.recipes import plots
+from nemo_neo.recipes.arch_search import ArchSearch, checkpoint_loss
 from nemo_neo.recipes.default_teacher import cache_root
 from nemo_neo.recipes.distill import distill
 from nemo_neo.recipes.methods import train_student
@@ -112,16 +113,35 @@ class Recipe:
         train, valid = self.rows()
         importance = p.importance
         out = self.run.stage_dir("prune") / "student"
-        report = prune_checkpoint(source, out, dict(p.target or {}), drop=list(p.drop_layers or []) or None,
-                                  num_samples=importance.num_samples, importance=importance,
-                                  depth_metric=p.depth_metric, task_limit=p.task_limit, data_dir=p.data_dir,
-                                  overwrite=True, ctx=self.ctx, calib_rows=train.rows(importance.num_samples),
-                                  valid_rows=valid)
+        if p.search is not None:
+            report = self._search(source, out, train.rows(importance.num_samples), valid)
+        else:
+            report = prune_checkpoint(source, out, dict(p.target or {}), drop=list(p.drop_layers or []) or None,
+                                      num_samples=importance.num_samples, importance=importance,
+                                      depth_metric=p.depth_metric, task_limit=p.task_limit, data_dir=p.data_dir,
+                                      overwrite=True, ctx=self.ctx, calib_rows=train.rows(importance.num_samples),
+                                      valid_rows=valid)
         if p.random_init:  # baseline: the pruned shape with fresh weights
             report["random_init"] = self._reinitialize(out)
         report["checkpoint"] = str(out)
         report["validation"] = self._validation_loss(out, "pruned student")
         return report
+
+    def _search(self, source: Path, out: Path, calib, valid) -> dict:
+        """Minitron's architecture search (nemo_neo.recipes.arch_search) in <run_dir>/prune/search; the
+        winner's pruned weights become the stage's student, so the distill stage trains the winner."""
+        p, d, par = self.cfg.prune, self.cfg.distill, self.cfg.parallel
+        train, _ = self.rows()
+        search = ArchSearch(self.ctx, p.search, source, self.distill_teacher(), train, valid, calib,
+                            self.run.stage_dir("prune") / "search", d.method, d.train, p.importance,
+                            depth_metric=p.depth_metric, eval_micro_batch_size=self.cfg.evaluate.micro_batch_size,
+                            keep_training_state=self.cfg.keep_training_state, tp=par.tensor_parallel,
+                            pp=par.pipeline_parallel)
+        result = search.run(out)
+        winner = next(c for c in result["candidates"] if c["winner"])
+        return {"source": str(source), "search": str(search.work / "results.json"), "winner": winner["id"],
+                "target": {k: winner[k] for k in AXES}, "dropped_layers": winner["dropped_layers"],
+                "parameters": winner["parameters"], "seconds_search": result["seconds"]}
 
     def _reinitialize(self, ckpt: Path) -> int:
         from megatron.core import tensor_parallel
@@ -136,10 +156,7 @@ class Recipe:
 
     def _validation_loss(self, ckpt: Path, desc: str) -> dict:
         _, valid = self.rows()
-        model, arch, _ = load_model(ckpt, self.ctx)
-        metrics = validation_loss(model, self.ctx, valid, self.cfg.evaluate.micro_batch_size, desc=desc)
-        metrics["parameters"] = arch.num_parameters()
-        return metrics
+        return checkpoint_loss(self.ctx, ckpt, valid, self.cfg.evaluate.micro_batch_size, desc=desc)
 
     def cache_teacher(self) -> dict:
         """The distill teacher's top-K targets of every training sample, once, for the distill stage."""

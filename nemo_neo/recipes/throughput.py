@@ -104,16 +104,20 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, hf_dir, precision: str = "bf16", device=None, compile: bool | None = None):
+    def __init__(self, hf_dir=None, precision: str = "bf16", device=None, compile: bool | None = None, model=None):
+        """hf_dir: a Hugging Face directory to load; or `model`, a transformers model already built
+        (the architecture search times random-weight models of candidate shapes)."""
         from transformers import AutoModelForCausalLM
 
-        if (Path(hf_dir) / "hf_quant_config.json").is_file():
+        if hf_dir is not None and (Path(hf_dir) / "hf_quant_config.json").is_file():
             raise ThroughputError(f"{hf_dir} is an FP8 (modelopt) checkpoint; run it with --backend trtllm (the torch backend runs bf16/fp32).")
         if precision not in ("bf16", "fp16", "fp32"):
             raise ThroughputError(f"the torch backend runs precision bf16, fp16 or fp32, not {precision!r}.")
         self.precision = precision
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=parse_dtype(precision)).to(self.device).eval()
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=parse_dtype(precision))
+        self.model = model.to(self.device, parse_dtype(precision)).eval()
         if compile if compile is not None else self.device.type == "cuda":
             self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=False)
 
@@ -229,11 +233,8 @@ def run_study(models: dict[str, str], pairs, batch_sizes, num_requests: int, out
             for (isl, osl), (requests, dataset) in datasets.items():
                 for bs in batch_sizes:
                     if runner is not None:
-                        seconds, counts = runner.run(requests, osl, bs, desc=f"{name} {isl}/{osl} bs{bs}")
-                        stats = {"seconds": seconds, "requests_per_s": len(requests) / seconds,
-                                 "output_tokens_per_s": sum(counts) / seconds,
-                                 "total_tokens_per_s": (sum(counts) + isl * len(requests)) / seconds}
-                        extra = {"new_tokens_min": min(counts), "new_tokens_max": max(counts)}
+                        stats = timed_row(runner, requests, isl, osl, bs, desc=f"{name} {isl}/{osl} bs{bs}")
+                        extra = {k: stats.pop(k) for k in ("new_tokens_min", "new_tokens_max")}
                     else:
                         stats, extra = run_trtllm(name, hf_dir, dataset, bs, len(requests), out_dir), {}
                     rows.append(Row(name, backend, precision, isl, osl, bs, len(requests), **stats, **extra))
@@ -243,6 +244,14 @@ def run_study(models: dict[str, str], pairs, batch_sizes, num_requests: int, out
     (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, out_dir / "throughput.png", title=f"{backend} backend, {precision}, {result['machine'].get('gpu') or result['machine']['cpu']}")
     return result
+
+
+def timed_row(runner: TorchBackend, requests: list[list[int]], isl: int, osl: int, batch_size: int, desc: str = "") -> dict:
+    """One timed run of the torch backend: seconds, requests/s, output and total tokens/s."""
+    seconds, counts = runner.run(requests, osl, batch_size, desc=desc)
+    return {"seconds": seconds, "requests_per_s": len(requests) / seconds, "output_tokens_per_s": sum(counts) / seconds,
+            "total_tokens_per_s": (sum(counts) + isl * len(requests)) / seconds, "new_tokens_min": min(counts),
+            "new_tokens_max": max(counts)}
 
 
 def speedups(rows: list[Row], baseline: str) -> dict:

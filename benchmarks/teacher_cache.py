@@ -89,7 +89,7 @@ def prepare(args) -> dict:
     for k in args.ks:
         start = time.perf_counter()
         info = write_teacher_cache(ctx, work / "teacher", train, work / f"cache{k}", k, 1.0, chunk_samples=args.gbs,
-                                   micro_batch_size=args.mbs, progress=False)
+                                   micro_batch_size=args.mbs, progress=False, valid_samples=valid)
         seconds = time.perf_counter() - start
         on_disk = sum(p.stat().st_size for p in (work / f"cache{k}").glob("chunk_*"))
         caches[k] = {"bytes_per_token_on_disk": round(on_disk / (len(train) * args.seq), 1),

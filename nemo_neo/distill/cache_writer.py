@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -128,7 +129,10 @@ def write_teacher_cache(ctx: ParallelContext, teacher_ckpt, samples, out_dir, to
                 rows = source[indices]
                 batches = [{k: v.to(ctx.device) for k, v in collate(rows[i : i + micro_batch_size]).items()}
                            for i in range(0, len(rows), micro_batch_size)]
-                reports = run_microbatches(teacher, batches, fn, forward_only=True)
+                # one schedule per run of equal-shaped micro-batches: a pipeline sizes its stage-to-stage
+                # buffers from one micro-batch shape, and a chunk's last micro-batch may be shorter
+                reports = [r for _, group in groupby(batches, key=lambda b: b["input_ids"].shape)
+                           for r in run_microbatches(teacher, list(group), fn, forward_only=True)]
                 if writes:
                     targets = TopKTargets(*(torch.cat(p) for p in zip(*(r["targets"] for r in reports))))
                     written["bytes"] += tc.write_chunk(root, chunk, targets, rows, manifest, split)

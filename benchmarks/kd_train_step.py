@@ -39,7 +39,7 @@ def main():
     args = p.parse_args()
     from transformers import AutoTokenizer
 
-    from nemo_neo.data.dataset import load_token_rows
+    from nemo_neo.data.from_text import indexed_from_text
     from nemo_neo.distill.losses import KDLossConfig
     from nemo_neo.parallel import initialize
     from nemo_neo.prune import drop_layers_checkpoint
@@ -58,7 +58,9 @@ def main():
             valid = torch.randint(0, 49152, (4, args.seq + 1), generator=g)
         else:
             teacher = default_teacher_checkpoint()
-            train, valid = load_token_rows([], AutoTokenizer.from_pretrained(str(teacher)), args.seq, max_valid=4)
+            train, valid = indexed_from_text([], AutoTokenizer.from_pretrained(str(teacher)), args.seq,
+                                             train_samples=args.gbs * args.steps, max_valid=4,
+                                             cache_dir=Path(tmp) / "data_cache")
         student = drop_layers_checkpoint(teacher, Path(tmp) / "student", range(15, 30))
         cfg = TrainConfig(steps=args.steps, global_batch_size=args.gbs, micro_batch_size=args.mbs,
                           save_every=10**9, eval_every=10**9)

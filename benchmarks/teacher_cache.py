@@ -13,7 +13,8 @@ subprocess so that its peak RSS is its own:
   time:   median wall-clock step time of the steps after the first (validation and saving excluded)
   memory: peak RSS of the process (VmHWM, from the start: weights included)
   cache:  bytes per token on disk at each K, and the one-off wall time of writing it
-  loss:   the student's validation LM loss after the same steps
+  loss:   the student's validation LM loss after the same steps, and its validation KL (online: the
+          full-vocab KL at T=1; from a cache: the top-K + tail KL against the cache's validation split)
 
     python benchmarks/teacher_cache.py [--seq 256 --gbs 4 --mbs 2 --steps 4 --ks 8,32,100 --rank 32]
         [--runs kd,llm_neo,llm_neo@32] [--out r.json]
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -63,14 +65,15 @@ def worker(args) -> dict:
                                        teacher_cache=work / f"cache{k}" if k else None)
     tokens = args.gbs * args.seq
     step_s = [tokens / h["tokens_per_s"] for h in result["history"]][1:]
-    return {"step_s": step_s, "peak": MemoryProbe("cpu").peak(), "val_loss": result["after"]["loss"]}
+    return {"step_s": step_s, "peak": MemoryProbe("cpu").peak(), "val_loss": result["after"]["loss"],
+            "val_kl": result["after"].get("kl")}
 
 
 def prepare(args) -> dict:
     """Student, token rows (train and validation) and one cache per K; returns the caches' costs."""
     from transformers import AutoTokenizer
 
-    from nemo_neo.data.dataset import load_token_rows
+    from nemo_neo.data.from_text import indexed_from_text
     from nemo_neo.distill.cache_writer import write_teacher_cache
     from nemo_neo.parallel import initialize
     from nemo_neo.prune import drop_layers_checkpoint
@@ -81,20 +84,23 @@ def prepare(args) -> dict:
     (work / "teacher").symlink_to(teacher)
     drop_layers_checkpoint(teacher, work / "student", DROPPED, overwrite=True)
     text = REPO.parent / "shared" / "data" / "wikitext2_valid.txt"
-    train, valid = load_token_rows([text] if text.is_file() else [], AutoTokenizer.from_pretrained(str(teacher)), args.seq,
-                                   valid_fraction=0.1, max_train=args.gbs * args.steps, max_valid=8)
+    samples, valid = indexed_from_text([text] if text.is_file() else [], AutoTokenizer.from_pretrained(str(teacher)),
+                                       args.seq, train_samples=args.gbs * args.steps, valid_fraction=0.1, max_valid=8,
+                                       cache_dir=work / "data_cache")
+    train = samples.rows(args.gbs * args.steps)
     torch.save(train, work / "rows.pt")
     torch.save(valid, work / "valid.pt")
     ctx, caches = initialize(), {}
     for k in args.ks:
         start = time.perf_counter()
         info = write_teacher_cache(ctx, work / "teacher", train, work / f"cache{k}", k, 1.0, chunk_samples=args.gbs,
-                                   micro_batch_size=args.mbs, progress=False)
+                                   micro_batch_size=args.mbs, progress=False, valid_samples=valid)
         seconds = time.perf_counter() - start
         on_disk = sum(p.stat().st_size for p in (work / f"cache{k}").glob("chunk_*"))
-        caches[k] = {"bytes_per_token_on_disk": round(on_disk / (len(train) * args.seq), 1),
+        caches[k] = {"bytes_per_token_on_disk": round(on_disk / (len(train) * args.seq), 1),  # training split
                      "bytes_per_token_payload": info["bytes_per_token"], "write_s": round(seconds, 2),
-                     "write_tokens_per_s": round(len(train) * args.seq / seconds, 1)}
+                     "tokens_written": (len(train) + len(valid)) * args.seq,  # both splits, teacher load included
+                     "write_tokens_per_s": round((len(train) + len(valid)) * args.seq / seconds, 1)}
     return caches
 
 
@@ -130,7 +136,9 @@ def main(argv=None):
                 raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
             r = json.loads(lines[-1].removeprefix("RESULT "))
             runs[name] = {"step_s": round(statistics.median(r["step_s"]), 3), "peak_gib": round(r["peak"] / 2**30, 3),
-                          "val_loss": round(r["val_loss"], 4), "step_s_all": [round(s, 3) for s in r["step_s"]]}
+                          "val_loss": round(r["val_loss"], 4), "val_kl": r["val_kl"] and round(r["val_kl"], 4),
+                          "step_s_all": [round(s, 3) for s in r["step_s"]],
+                          "load_avg_1min_after": round(os.getloadavg()[0], 1)}  # the machine is shared
             print(name, runs[name], file=sys.stderr, flush=True)
     base = runs["kd"]
     for row in runs.values():

@@ -14,10 +14,11 @@ from dataclasses import replace
 import torch
 
 from nemo_neo.distill.losses import KDLossConfig, KDLossOutput, _ChunkedDistillationLoss, _token_weight, _validate_tokens
-from nemo_neo.distill.objective import schedule_outputs
+from nemo_neo.distill.objective import CE_ONLY, pair_loss, schedule_outputs, validation_sums
 from nemo_neo.distill.sparse_kl import TopKTargets
-from nemo_neo.distill.teacher_cache import TeacherCache, TeacherCacheError, batch_targets
+from nemo_neo.distill.teacher_cache import CachedTargetSamples, TeacherCache, TeacherCacheError, batch_targets
 from nemo_neo.errors import ConfigError
+from nemo_neo.parallel.state import ParallelContext
 
 
 def check_loss_for_cache(config: KDLossConfig, cache: TeacherCache) -> KDLossConfig:
@@ -65,3 +66,21 @@ def cached_kd_loss_fn(config: KDLossConfig, tp_group=None):
                                                          loss_mask=batch.get("loss_mask"), tp_group=tp_group))
 
     return loss_fn
+
+
+def cached_validation_metrics(student, ctx: ParallelContext, samples: CachedTargetSamples, micro_batch_size: int,
+                              tp_group=None) -> dict:
+    """{kl, loss, perplexity} of the student on the cache's validation split: kl is the sparse forward
+    KL (all K cached entries + tail, at the cache's temperature) against the cached targets, the
+    online top-K + tail KL of the same student up to the float16 rounding of the stored values."""
+    kl_config = KDLossConfig(kind="forward_kl", temperature=samples.cache.temperature)
+    mine = torch.arange(len(samples))[ctx.dp_rank :: ctx.dp_size]
+    batches = [{k: v.to(ctx.device) for k, v in samples[mine[i : i + micro_batch_size]].items()}
+               for i in range(0, len(mine), micro_batch_size)]
+
+    def kl_and_ce(logits, batch):
+        kl = cached_distillation_loss(logits, batch_targets(batch), kl_config, loss_mask=batch.get("loss_mask"),
+                                      tp_group=tp_group)
+        return kl, pair_loss(logits, None, CE_ONLY, batch, tp_group)
+
+    return validation_sums(student, ctx, batches, kl_and_ce)

@@ -83,28 +83,38 @@ def kd_with_correction_loss_fn(config: KDLossConfig, tp_group=None, chunk_tokens
 
 
 @torch.no_grad()
-def distillation_metrics(pair, ctx: ParallelContext, rows: torch.Tensor, micro_batch_size: int, tp_group=None) -> dict:
-    """Student LM loss and forward KL(teacher || student) per token on held-out rows."""
+def validation_sums(model, ctx: ParallelContext, batches: list[dict], kl_and_ce, adjust_tensor_shapes_fn=None) -> dict:
+    """{kl, loss, perplexity} per token over `batches` (this DP rank's share of the held-out rows),
+    forward only through the pipeline; kl_and_ce(output, batch) -> (KL, CE) KDLossOutputs on the last stage."""
+    was_training = model.training
+    model.eval()
 
-    kl_config = KDLossConfig(kind="forward_kl")
-    was_training = pair.training
-    pair.eval()
+    def metrics_fn(output, batch):
+        kl, ce = kl_and_ce(output, batch)
+        return kl.loss_sum, {"sums": torch.stack([kl.loss_sum.double(), ce.loss_sum.double(), ce.num_tokens.double()])}
+
+    total = torch.zeros(3, dtype=torch.float64)
+    for batch in batches:  # one micro-batch at a time: validation holds no more than one's activations
+        for r in run_microbatches(model, [batch], metrics_fn, forward_only=True, adjust_tensor_shapes_fn=adjust_tensor_shapes_fn):
+            total += r["sums"].cpu()
+    kl_sum, ce_sum, tokens = sum_from_last_stage(total, ctx).tolist()
+    model.train(was_training)
+    tokens = max(tokens, 1.0)
+    return {"kl": kl_sum / tokens, "loss": ce_sum / tokens, "perplexity": math.exp(ce_sum / tokens)}
+
+
+def distillation_metrics(pair, ctx: ParallelContext, rows: torch.Tensor, micro_batch_size: int, tp_group=None,
+                         kl_config: KDLossConfig | None = None) -> dict:
+    """Student LM loss and forward KL(teacher || student) per token on held-out rows (kl_config:
+    another KL, e.g. top-K + tail at a temperature, as a cached run's validation computes it)."""
+    kl_config = kl_config or KDLossConfig(kind="forward_kl")
     mine = rows[ctx.dp_rank :: ctx.dp_size]
     batches = [{k: v.to(ctx.device) for k, v in collate(mine[i : i + micro_batch_size]).items()}
                for i in range(0, len(mine), micro_batch_size)]
 
-    def metrics_fn(outputs, batch):
+    def kl_and_ce(outputs, batch):
         student, teacher = outputs  # logits, or HeadInputs when pair.fused
-        kl = pair_loss(student, teacher, kl_config, {"loss_mask": batch.get("loss_mask")}, tp_group)
-        ce = pair_loss(student, teacher, CE_ONLY, batch, tp_group)
-        report = torch.stack([kl.loss_sum.double(), ce.loss_sum.double(), ce.num_tokens.double()])
-        return kl.loss_sum, {"sums": report}
+        return (pair_loss(student, teacher, kl_config, {"loss_mask": batch.get("loss_mask")}, tp_group),
+                pair_loss(student, teacher, CE_ONLY, batch, tp_group))
 
-    total = torch.zeros(3, dtype=torch.float64)
-    for batch in batches:
-        for r in run_microbatches(pair, [batch], metrics_fn, forward_only=True, adjust_tensor_shapes_fn=pair.pair_tensor_shapes):
-            total += r["sums"].cpu()
-    kl_sum, ce_sum, tokens = sum_from_last_stage(total, ctx).tolist()
-    pair.train(was_training)
-    tokens = max(tokens, 1.0)
-    return {"kl": kl_sum / tokens, "loss": ce_sum / tokens, "perplexity": math.exp(ce_sum / tokens)}
+    return validation_sums(pair, ctx, batches, kl_and_ce, pair.pair_tensor_shapes)

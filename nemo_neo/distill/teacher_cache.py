@@ -9,6 +9,12 @@ Layout of a cache directory::
     chunk_000001.safetensors else int32), log_probs [n, seq, K] (float16 or bfloat16), log_tail
     ...                      [n, seq] (float32: the tail mass is what 1 - sum would lose) and
                              row_hash [n] (int64 hash of each sample's tokens)
+    valid_chunk_000000.safetensors   the validation split, the same layout keyed by the held-out
+    ...                      sample's index (manifest["valid"]: its fingerprint and counts)
+
+The training split's fields are the manifest's top level (so caches without a validation split,
+written before it existed, read as they did); the validation split is optional: a cache without one
+serves training, and its distillation reports the student's LM loss alone (`distill_from_cache`).
 
 Sample i lives in chunk i // chunk_samples, whoever wrote it: the cache does not depend on the TP /
 PP / DP layout that wrote it or reads it, and any reader gets the same targets for a sample. Each
@@ -49,6 +55,7 @@ IDENTITY = {"teacher": "teacher checkpoint", "tokenizer": "tokenizer", "dataset"
             "vocab_size": "vocab size", "values_dtype": "value dtype", "chunk_samples": "chunk size"}
 _PROBES = 16  # samples hashed into the dataset fingerprint
 _OPEN_CHUNKS = 64  # chunk files kept open (mmap'd) by a reader
+SPLITS = {"train": "chunk", "valid": "valid_chunk"}  # split -> its chunk files' prefix
 
 
 class TeacherCacheError(DataError):
@@ -104,9 +111,16 @@ def bytes_per_token(top_k: int, vocab_size: int, values_dtype: str = "float16") 
     return top_k * (ids_dtype(vocab_size).itemsize + torch.empty(0, dtype=VALUE_DTYPES[values_dtype][1]).element_size()) + 4
 
 
+def split_fields(samples, chunk_samples: int) -> dict:
+    """What identifies one split's samples and how many chunks hold them."""
+    n = len(samples)
+    return {"dataset": dataset_fingerprint(samples), "num_samples": n, "num_chunks": -(-n // chunk_samples)}
+
+
 def make_manifest(teacher_ckpt, samples, top_k: int, temperature: float, values_dtype: str = "float16",
-                  chunk_samples: int = 64) -> dict:
-    """The manifest of a cache of `samples` (rows [n, seq + 1]) from `teacher_ckpt`; checks K."""
+                  chunk_samples: int = 64, valid_samples=None) -> dict:
+    """The manifest of a cache of `samples` (rows [n, seq + 1]; with `valid_samples`, the held-out
+    rows, a validation split) from `teacher_ckpt`; checks K."""
     arch, _ = read_index(teacher_ckpt)
     if not 1 <= top_k <= arch.vocab_size:
         raise TeacherCacheError(f"cache top_k={top_k} must be between 1 and the teacher's vocab size {arch.vocab_size}.")
@@ -114,12 +128,22 @@ def make_manifest(teacher_ckpt, samples, top_k: int, temperature: float, values_
         raise TeacherCacheError(f"cache values_dtype={values_dtype!r}: use one of {sorted(VALUE_DTYPES)}.")
     if chunk_samples < 1 or not temperature > 0:
         raise TeacherCacheError(f"cache chunk_samples={chunk_samples} must be >= 1 and temperature={temperature} > 0.")
-    n = len(samples)
-    return {"format": FORMAT, "teacher": teacher_fingerprint(teacher_ckpt), "teacher_path": str(teacher_ckpt),
-            "tokenizer": tokenizer_fingerprint(teacher_ckpt), "dataset": dataset_fingerprint(samples),
-            "num_samples": n, "seq_length": int(samples.shape[1]) - 1, "top_k": int(top_k),
-            "temperature": float(temperature), "vocab_size": arch.vocab_size, "ids_dtype": ids_dtype(arch.vocab_size).name,
-            "values_dtype": values_dtype, "chunk_samples": int(chunk_samples), "num_chunks": -(-n // chunk_samples)}
+    manifest = {"format": FORMAT, "teacher": teacher_fingerprint(teacher_ckpt), "teacher_path": str(teacher_ckpt),
+                "tokenizer": tokenizer_fingerprint(teacher_ckpt), **split_fields(samples, chunk_samples),
+                "seq_length": int(samples.shape[1]) - 1, "top_k": int(top_k), "temperature": float(temperature),
+                "vocab_size": arch.vocab_size, "ids_dtype": ids_dtype(arch.vocab_size).name,
+                "values_dtype": values_dtype, "chunk_samples": int(chunk_samples)}
+    if valid_samples is not None and len(valid_samples):
+        if valid_samples.shape[1] != samples.shape[1]:
+            raise TeacherCacheError(f"validation rows of {valid_samples.shape[1] - 1} tokens, training rows of "
+                                    f"{samples.shape[1] - 1}: a cache has one sequence length; pass rows of the same length.")
+        manifest["valid"] = split_fields(valid_samples, chunk_samples)
+    return manifest
+
+
+def split_of(manifest: dict, split: str) -> dict | None:
+    """One split's fields (dataset, num_samples, num_chunks); None when the cache has no such split."""
+    return {k: manifest[k] for k in ("dataset", "num_samples", "num_chunks")} if split == "train" else manifest.get(split)
 
 
 def mismatches(have: dict, want: dict, keys=IDENTITY) -> list[str]:
@@ -130,12 +154,12 @@ def mismatches(have: dict, want: dict, keys=IDENTITY) -> list[str]:
 # --- chunk files ---------------------------------------------------------------------------------
 
 
-def chunk_path(root, chunk: int) -> Path:
-    return Path(root) / f"chunk_{chunk:06d}.safetensors"
+def chunk_path(root, chunk: int, split: str = "train") -> Path:
+    return Path(root) / f"{SPLITS[split]}_{chunk:06d}.safetensors"
 
 
-def finished_chunks(root) -> set[int]:
-    return {int(p.stem.split("_")[1]) for p in Path(root).glob("chunk_*.safetensors")}
+def finished_chunks(root, split: str = "train") -> set[int]:
+    return {int(p.stem.rsplit("_", 1)[1]) for p in Path(root).glob(f"{SPLITS[split]}_*.safetensors")}
 
 
 def _values_to_numpy(values: torch.Tensor, values_dtype: str) -> np.ndarray:
@@ -145,9 +169,9 @@ def _values_to_numpy(values: torch.Tensor, values_dtype: str) -> np.ndarray:
     return values.numpy() if np_dtype is not None else values.view(torch.int16).numpy()
 
 
-def write_chunk(root, chunk: int, targets: TopKTargets, rows: torch.Tensor, manifest: dict) -> int:
+def write_chunk(root, chunk: int, targets: TopKTargets, rows: torch.Tensor, manifest: dict, split: str = "train") -> int:
     """Write one chunk atomically (temporary file, fsync, rename); returns its size in bytes."""
-    final = chunk_path(root, chunk)
+    final = chunk_path(root, chunk, split)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     save_file({"ids": targets.ids.numpy().astype(manifest["ids_dtype"]),
                "log_probs": _values_to_numpy(targets.log_probs, manifest["values_dtype"]),
@@ -162,7 +186,7 @@ def write_chunk(root, chunk: int, targets: TopKTargets, rows: torch.Tensor, mani
 
 def remove_partial_chunks(root) -> None:
     """Temporary files of a writer that was killed (their chunks are absent and get recomputed)."""
-    for path in Path(root).glob(".chunk_*.tmp-*"):
+    for path in Path(root).glob(".*chunk_*.tmp-*"):
         path.unlink(missing_ok=True)
 
 
@@ -203,38 +227,57 @@ class TeacherCache:
             want["tokenizer"] = tokenizer
         if teacher_ckpt is not None:
             want["teacher"] = teacher_fingerprint(teacher_ckpt)
-        wrong = mismatches(self.manifest, want)
+        self._refuse(mismatches(self.manifest, want))
+        self._check_complete("train")
+
+    def check_valid(self, valid_samples) -> bool:
+        """Whether the cache holds the targets of these validation rows: False when it has no
+        validation split (a cache written before there was one); one TeacherCacheError when its
+        split was made for other rows or is incomplete."""
+        split = split_of(self.manifest, "valid")
+        if split is None:
+            return False
+        want = {"dataset": dataset_fingerprint(valid_samples), "seq_length": int(valid_samples.shape[1]) - 1}
+        have = {"dataset": split["dataset"], "seq_length": self.manifest["seq_length"]}
+        self._refuse([w.replace("dataset", "validation set", 1) for w in mismatches(have, want)])
+        self._check_complete("valid")
+        return True
+
+    def _refuse(self, wrong: list[str]) -> None:
         if wrong:
             raise TeacherCacheError(f"teacher cache {self.root} was made for another {'; another '.join(wrong)}: "
                                     "write a cache for this run (nemo-neo-cache-teacher / the cache_teacher stage) "
                                     "or point distill.teacher_cache at the right one.")
-        missing = sorted(set(range(self.manifest["num_chunks"])) - finished_chunks(self.root))
+
+    def _check_complete(self, split: str) -> None:
+        total = split_of(self.manifest, split)["num_chunks"]
+        missing = sorted(set(range(total)) - finished_chunks(self.root, split))
         if missing:
             raise TeacherCacheError(
-                f"teacher cache {self.root} is incomplete: {len(missing)} of {self.manifest['num_chunks']} chunks are "
-                f"missing, first {chunk_path(self.root, missing[0]).name}; rerun the caching command (it resumes).")
+                f"teacher cache {self.root} is incomplete: {len(missing)} of {total} {split} chunks are missing, "
+                f"first {chunk_path(self.root, missing[0], split).name}; rerun the caching command (it resumes).")
 
-    def _chunk(self, chunk: int):
-        handle = self._open.get(chunk)
+    def _chunk(self, chunk: int, split: str):
+        handle = self._open.get((split, chunk))
         if handle is None:
-            path = chunk_path(self.root, chunk)
+            path = chunk_path(self.root, chunk, split)
             if not path.is_file():
                 raise TeacherCacheError(f"teacher cache chunk {path} is missing (sample indices "
                                         f"{chunk * self.manifest['chunk_samples']}...); rerun the caching command "
                                         "(it resumes and writes the missing chunks).")
-            handle = self._open[chunk] = safe_open(str(path), framework="np")
+            handle = self._open[(split, chunk)] = safe_open(str(path), framework="np")
             if len(self._open) > _OPEN_CHUNKS:
                 self._open.popitem(last=False)
-        self._open.move_to_end(chunk)
+        self._open.move_to_end((split, chunk))
         return handle
 
-    def targets(self, indices, rows: torch.Tensor | None = None) -> TopKTargets:
-        """Targets [b, seq, K] / [b, seq] of the samples at dataset `indices`; with `rows` (their tokens
-        [b, seq + 1]) each sample's tokens are checked against the hash stored with its targets."""
+    def targets(self, indices, rows: torch.Tensor | None = None, split: str = "train") -> TopKTargets:
+        """Targets [b, seq, K] / [b, seq] of the samples at `indices` of the split; with `rows` (their
+        tokens [b, seq + 1]) each sample's tokens are checked against the hash stored with its targets."""
         per = self.manifest["chunk_samples"]
         parts = {"ids": [], "log_probs": [], "log_tail": [], "row_hash": []}
         for index in (int(i) for i in indices):
-            chunk = self._chunk(index // per)
+            chunk = self._chunk(index // per, split)
             offset = index % per
             for name, values in parts.items():
                 values.append(chunk.get_slice(name)[offset : offset + 1])
@@ -252,12 +295,12 @@ TARGET_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_log_tail")
 
 
 class CachedTargetSamples:
-    """Training samples with their cached teacher targets: `samples[index_tensor]` is the micro-batch
+    """Samples of a split with their cached teacher targets: `samples[index_tensor]` is the micro-batch
     dict (`collate` of the rows plus TARGET_KEYS), for the Trainer with collate_fn=None.
     with_targets=False leaves them out (pipeline stages before the last, which compute no loss)."""
 
-    def __init__(self, samples, cache: TeacherCache, with_targets: bool = True):
-        self.samples, self.cache, self.with_targets = samples, cache, with_targets
+    def __init__(self, samples, cache: TeacherCache, with_targets: bool = True, split: str = "train"):
+        self.samples, self.cache, self.with_targets, self.split = samples, cache, with_targets, split
         self.pre_shuffled = getattr(samples, "pre_shuffled", False)
 
     def __len__(self) -> int:
@@ -271,7 +314,7 @@ class CachedTargetSamples:
         rows = self.samples[indices]
         batch = collate(rows)
         if self.with_targets:
-            batch.update(zip(TARGET_KEYS, self.cache.targets(indices, rows)))
+            batch.update(zip(TARGET_KEYS, self.cache.targets(indices, rows, self.split)))
         return batch
 
 

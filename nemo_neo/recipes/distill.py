@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from nemo_neo.checkpoint.load import load_model
 from nemo_neo.checkpoint.native import read_index
-from nemo_neo.distill.cached import cached_kd_loss_fn, check_loss_for_cache
+from nemo_neo.distill.cached import cached_kd_loss_fn, cached_validation_metrics, check_loss_for_cache
 from nemo_neo.distill.losses import KDLossConfig
 from nemo_neo.distill.model import DistillationPair, check_teacher_compatible
 from nemo_neo.distill.objective import distillation_metrics, kd_loss_fn, kd_with_correction_loss_fn
@@ -14,6 +16,8 @@ from nemo_neo.models.dtype import default_dtype
 from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.train import state as ckpt_state
 from nemo_neo.train.loop import TrainConfig, Trainer
+
+log = logging.getLogger("nemo_neo.recipes")
 
 
 def build_pair(ctx: ParallelContext, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, recompute_activations=False,
@@ -73,7 +77,9 @@ def distill_from_cache(ctx: ParallelContext, student_ckpt, cache_dir, train_rows
     """`distill` with the teacher's top-K targets read from a teacher cache (`nemo_neo.distill.
     teacher_cache`): no teacher weights are loaded. The cache must have been made for these samples,
     the student's tokenizer and (when `teacher_ckpt` is named; only its fingerprint is read) that
-    teacher. Validation is the student's LM loss (the held-out rows have no cached targets)."""
+    teacher. Validation: the student's LM loss and the sparse KL against the cache's validation split
+    (`cached_validation_metrics`); a cache written without that split (before it existed) gives the
+    LM loss alone, with a warning saying how to add the split."""
     loss_cfg = loss_cfg or KDLossConfig(kind="forward_kl")
     cache = TeacherCache(cache_dir)
     check_loss_for_cache(loss_cfg, cache)
@@ -84,15 +90,24 @@ def distill_from_cache(ctx: ParallelContext, student_ckpt, cache_dir, train_rows
     if prepare_student is not None:
         prepare_student(student)
 
+    tp_group = ctx.tp_group if ctx.tp_size > 1 else None
+    has_valid = len(valid_rows) > 0
+    cached_valid = has_valid and cache.check_valid(valid_rows)
+    if has_valid and not cached_valid and ctx.is_main:
+        log.warning("teacher cache %s has no validation split: validation reports the student's LM loss only; rerun "
+                    "the caching command on it (it adds the split, the training chunks stay) for the validation KL.",
+                    cache.root)
+    valid_samples = CachedTargetSamples(valid_rows, cache, with_targets=ctx.is_last_stage, split="valid")
+
     def evaluate(_model):
+        if cached_valid:
+            return cached_validation_metrics(student, ctx, valid_samples, eval_micro_batch_size, tp_group)
         was_training = student.training
         metrics = validation_loss(student, ctx, valid_rows, eval_micro_batch_size, desc="validation")
         student.train(was_training)
         return {"loss": metrics["loss"], "perplexity": metrics["perplexity"]}
 
-    has_valid = len(valid_rows) > 0
     before = evaluate(student) if has_valid else {}
-    tp_group = ctx.tp_group if ctx.tp_size > 1 else None
     samples = CachedTargetSamples(train_rows, cache, with_targets=ctx.is_last_stage)
     trainer = Trainer(ctx, student, arch, cached_kd_loss_fn(loss_cfg, tp_group), samples, train_cfg, run_dir,
                       name="distill", evaluate=evaluate if has_valid else None, tokenizer_src=student_ckpt,

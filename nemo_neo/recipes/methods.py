@@ -158,7 +158,8 @@ def train_student(ctx: ParallelContext, method: MethodConfig, student_ckpt, teac
     teacher_ckpt: required by kd / llm_neo; optional for sft / lora (then only the LM loss is reported).
     teacher_cache: kd / llm_neo read the teacher's top-K targets from this teacher cache instead of
         running the teacher (no teacher weights loaded; `teacher_ckpt`, if given, is only checked
-        against the cache's fingerprint); before / after then hold the LM loss alone.
+        against the cache's fingerprint); before / after then hold the LM loss and the sparse top-K +
+        tail KL against the cache's validation split (the LM loss alone for a cache without one).
     pair_options: dtype, teacher_dtype, recompute_activations (as `build_pair`).
     Returns {method, before, after, history, final, resumed_from, trainable, checkpoint[, adapters]};
     before / after hold the validation loss, perplexity and (with a teacher) kl."""

@@ -159,12 +159,13 @@ class Recipe:
         return checkpoint_loss(self.ctx, ckpt, valid, self.cfg.evaluate.micro_batch_size, desc=desc)
 
     def cache_teacher(self) -> dict:
-        """The distill teacher's top-K targets of every training sample, once, for the distill stage."""
+        """The distill teacher's top-K targets of every training and validation sample, once, for the
+        distill stage (the validation split gives its validation KL)."""
         c = self.cfg.cache_teacher
-        train, _ = self.rows()
+        train, valid = self.rows()
         out = Path(c.dir) if c.dir else self.run.stage_dir("cache_teacher") / "cache"
         return write_teacher_cache(self.ctx, self.distill_teacher(), train, out, c.top_k, c.temperature,
-                                   c.chunk_samples, c.micro_batch_size, c.values_dtype)
+                                   c.chunk_samples, c.micro_batch_size, c.values_dtype, valid_samples=valid)
 
     def teacher_cache(self) -> Path | None:
         if self.cfg.distill.teacher_cache:

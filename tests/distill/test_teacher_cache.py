@@ -1,5 +1,6 @@
-"""The teacher cache: written once at any layout and read at any layout with the same targets, refused
-when it does not fit the run, resumed after a SIGKILL, and KD from it reproducing online top-K KD."""
+"""The teacher cache: written once at any layout (TP, PP, DP) and read at any layout with the same
+targets, refused when it does not fit the run, resumed after a SIGKILL; KD from it at PP=2 gives
+the PP=1 losses and validation (KD from it vs online top-K KD: tests/recipes/test_teacher_cache_training.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, torchrun
+from workers.teacher_cache_worker import cached_kd
 
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
 from nemo_neo.checkpoint.load import load_model
@@ -30,15 +32,18 @@ def setup(hf_model_factory, module_tmp, parallel_ctx):
     convert_hf_to_neo(hf_model_factory("student_of_llama3"), tmp / "student")
     for name in ("teacher", "student"):
         (tmp / name / "tokenizer.json").write_text('{"model": "the shared one"}')
-    rows = torch.randint(0, 130, (10, 13), generator=torch.Generator().manual_seed(3))  # 4 chunks, the last short
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, 130, (10, 13), generator=g)  # 4 chunks, the last short
+    valid = torch.randint(0, 130, (4, 13), generator=g)  # 2 validation chunks
     torch.save(rows, tmp / "rows.pt")
+    torch.save(valid, tmp / "valid.pt")
     write_teacher_cache(parallel_ctx, tmp / "teacher", rows, tmp / "cache", K, T, chunk_samples=CHUNK,
-                        micro_batch_size=2, progress=False)
+                        micro_batch_size=2, progress=False, valid_samples=valid)
     return tmp, rows
 
 
 def chunk_bytes(cache) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(cache.glob("chunk_*"))}
+    return {p.name: p.read_bytes() for p in sorted(cache.glob("*chunk_*"))}  # both splits
 
 
 def test_targets_are_the_teachers_top_k_log_probs_and_tail(setup, parallel_ctx):
@@ -63,21 +68,45 @@ def test_the_same_targets_at_dp1_dp2_and_tp2(setup, tmp_path):
     reads = {}
     for name, tp in (("dp2", 1), ("tp2", 2)):
         (tmp_path / name).mkdir()
-        torchrun(WORKER, 2, "--rows", tmp / "rows.pt", "--teacher", tmp / "teacher", "--write-to", tmp_path / f"cache_{name}",
-                 "--cache", tmp / "cache", "--out", tmp_path / name, "--tp", tp)
+        torchrun(WORKER, 2, "--rows", tmp / "rows.pt", "--valid", tmp / "valid.pt", "--teacher", tmp / "teacher",
+                 "--write-to", tmp_path / f"cache_{name}", "--cache", tmp / "cache", "--out", tmp_path / name, "--tp", tp)
         reads[name] = {}
         for rank in (0, 1):
             reads[name].update(torch.load(tmp_path / name / f"rank{rank}.pt"))
     assert chunk_bytes(tmp_path / "cache_dp2") == chunk_bytes(tmp / "cache")
-    tp2 = TeacherCache(tmp_path / "cache_tp2").targets(torch.arange(len(rows)))
-    ref = cache.targets(torch.arange(len(rows)))
-    assert torch.equal(tp2.ids, ref.ids)
-    assert torch.allclose(tp2.log_probs.float(), ref.log_probs.float(), atol=2e-3)
+    assert_same_targets(TeacherCache(tmp_path / "cache_tp2"), cache, len(rows))
     assert sorted(reads["dp2"]) == sorted(reads["tp2"]) and len(reads["dp2"]) >= len(rows) - 2  # the same global batches
     for name, got in reads.items():
         for i, targets in got.items():
             for value, expected in zip(targets.values(), cache.targets([i])):
                 assert torch.equal(value, expected[0]), (name, i)
+
+
+def assert_same_targets(got: TeacherCache, ref: TeacherCache, num_train: int, num_valid: int = 4) -> None:
+    """The same ids in both splits, the values within float16 rounding."""
+    for split, n in (("train", num_train), ("valid", num_valid)):
+        a, b = got.targets(torch.arange(n), split=split), ref.targets(torch.arange(n), split=split)
+        assert torch.equal(a.ids, b.ids), split
+        assert torch.allclose(a.log_probs.float(), b.log_probs.float(), atol=2e-3), split
+        assert torch.allclose(a.log_tail, b.log_tail, atol=1e-4, rtol=1e-4), split
+
+
+def test_pp2_writes_the_pp1_cache_and_distils_from_it_with_the_pp1_losses(setup, tmp_path, parallel_ctx):
+    """One PP=2 launch: the teacher split over two stages writes the cache PP=1 wrote (both splits),
+    and the student split over two stages (the sparse loss on the last) trains from the cache with the
+    PP=1 losses and validation KL / LM loss (fp32: only the reduction order differs)."""
+    tmp, rows = setup
+    valid = torch.load(tmp / "valid.pt")
+    torchrun(WORKER, 2, "--rows", tmp / "rows.pt", "--valid", tmp / "valid.pt", "--teacher", tmp / "teacher",
+             "--write-to", tmp_path / "cache_pp2", "--pp", 2, "--student", tmp / "student", "--cache", tmp / "cache",
+             "--train-out", tmp_path)
+    assert_same_targets(TeacherCache(tmp_path / "cache_pp2"), TeacherCache(tmp / "cache"), len(rows))
+    got = torch.load(tmp_path / "cached_kd.pt")
+    ref = cached_kd(parallel_ctx, tmp / "student", tmp / "cache", rows, valid, tmp_path / "pp1")
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-4)  # KL ~1e-3 here: fp32 sums reordered
+    for when in ("before", "after"):
+        assert set(got[when]) == {"kl", "loss", "perplexity"}
+        assert got[when] == pytest.approx(ref[when], rel=1e-4), when
 
 
 def test_a_cache_for_another_run_is_refused_by_name(setup, tmp_path, parallel_ctx):
@@ -111,7 +140,8 @@ def test_a_cache_for_another_run_is_refused_by_name(setup, tmp_path, parallel_ct
 
 def test_sigkill_while_caching_then_the_same_command_equals_an_uninterrupted_cache(setup, tmp_path):
     tmp, _ = setup
-    cmd = [sys.executable, str(REPO / WORKER), "--rows", str(tmp / "rows.pt"), "--teacher", str(tmp / "teacher"),
+    cmd = [sys.executable, str(REPO / WORKER), "--rows", str(tmp / "rows.pt"), "--valid", str(tmp / "valid.pt"),
+           "--teacher", str(tmp / "teacher"),
            "--write-to", str(tmp_path / "cache")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     killed = subprocess.run(cmd, env={**env, "NEMO_NEO_CHAOS_KILL": "cache_teacher:cache_chunk:2"}, cwd=REPO,

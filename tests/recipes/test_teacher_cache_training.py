@@ -1,9 +1,12 @@
 """KD and LLM-Neo from a teacher cache reproduce online top-K (+ tail) KD step by step, without the
-teacher's weights; the recipe's keys for it are typed and checked."""
+teacher's weights, and its validation KL (the cache's validation split); the recipe's keys for it
+are typed and checked."""
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +19,8 @@ from test_recipe_config import compose
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
 from nemo_neo.distill.cache_writer import write_teacher_cache
 from nemo_neo.distill.losses import KDLossConfig
+from nemo_neo.distill.objective import distillation_metrics
+from nemo_neo.distill.teacher_cache import MANIFEST, TeacherCacheError
 from nemo_neo.errors import ConfigError
 from nemo_neo.peft.apply import LoRAConfig
 from nemo_neo.recipes import config as rc
@@ -35,7 +40,8 @@ def setup(hf_model_factory, module_tmp, parallel_ctx):
     sharpen(tmp / "teacher")
     g = torch.Generator().manual_seed(5)
     rows, valid = torch.randint(0, 130, (16, 13), generator=g), torch.randint(0, 130, (4, 13), generator=g)
-    write_teacher_cache(parallel_ctx, tmp / "teacher", rows, tmp / "cache", K, T, chunk_samples=4, progress=False)
+    write_teacher_cache(parallel_ctx, tmp / "teacher", rows, tmp / "cache", K, T, chunk_samples=4, progress=False,
+                        valid_samples=valid)
     return tmp, rows, valid
 
 
@@ -51,6 +57,7 @@ def sharpen(ckpt, factor: float = 25.0) -> None:
 
 def train(setup, ctx, method, run, loss, **kw):
     tmp, rows, valid = setup
+    valid = kw.pop("valid", valid)
     cfg = TrainConfig(steps=3, global_batch_size=4, micro_batch_size=2, save_every=100, eval_every=100,
                       optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0))
     result = train_student(ctx, MethodConfig(method=method, loss=loss, lora=LoRAConfig(rank=4, alpha=8.0)), tmp / "student", kw.pop("teacher", tmp / "teacher"),
@@ -72,7 +79,45 @@ def test_kd_from_the_cache_reproduces_online_top_k_kd(setup, parallel_ctx, metho
     if method == "kd":  # the comparison can tell top-K from full KD
         full, _ = train(setup, parallel_ctx, method, f"{method}_full", replace_top_k(loss, None))
         assert abs(full[0] - online[0]) > 1e-2 * abs(online[0])
+    # validation: the online top-K + tail KL of the same student (before and after), from the teacher's logits
+    for when, student in (("before", setup[0] / "student"), ("after", setup[0] / f"{method}_cached" / "final")):
+        online_val = online_validation(setup, parallel_ctx, student, loss)
+        assert result[when]["kl"] == pytest.approx(online_val["kl"], rel=2e-3), when  # float16 log-probs
+        assert result[when]["loss"] == pytest.approx(online_val["loss"], rel=1e-5), when
+    if method == "kd":  # the student it measures changed (LoRA's few steps move it less)
+        assert result["before"]["kl"] != pytest.approx(result["after"]["kl"], rel=5e-3)
+
+
+def online_validation(setup, ctx, student_ckpt, loss) -> dict:
+    tmp, _, valid = setup
+    pair, _ = recipe_distill.build_pair(ctx, student_ckpt, tmp / "teacher")
+    return distillation_metrics(pair, ctx, valid, 4, kl_config=loss)
+
+
+def test_a_cache_without_the_validation_split(setup, parallel_ctx, tmp_path, caplog):
+    """An old cache (no validation split) trains and validates on the LM loss alone, with a warning
+    saying how to add the split; rerunning the writer adds it and leaves the training chunks as
+    they were; validation rows other than the cached ones are refused."""
+    tmp, rows, valid = setup
+    old = tmp_path / "old"
+    shutil.copytree(tmp / "cache", old)
+    for path in old.glob("valid_chunk_*"):
+        path.unlink()
+    manifest = json.loads((old / MANIFEST).read_text())
+    del manifest["valid"]
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    loss = KDLossConfig(kind="forward_kl", temperature=T)
+    with caplog.at_level(logging.WARNING, logger="nemo_neo.recipes"):
+        _, result = train(setup, parallel_ctx, "kd", "old_cache", loss, teacher_cache=old)
     assert set(result["after"]) == {"loss", "perplexity"}
+    assert "has no validation split" in caplog.text
+    train_chunks = {p.name: p.stat().st_mtime_ns for p in old.glob("chunk_*")}
+    write_teacher_cache(parallel_ctx, tmp / "teacher", rows, old, K, T, chunk_samples=4, progress=False,
+                        valid_samples=valid)
+    assert {p.name: p.stat().st_mtime_ns for p in old.glob("chunk_*")} == train_chunks
+    assert sorted(p.name for p in old.glob("valid_chunk_*")) == sorted(p.name for p in (tmp / "cache").glob("valid_chunk_*"))
+    with pytest.raises(TeacherCacheError, match="another validation set"):
+        train(setup, parallel_ctx, "kd", "other_valid", loss, teacher_cache=old, valid=valid.flip(0))
 
 
 def replace_top_k(loss, top_k):

@@ -92,7 +92,7 @@ def run_ours(args, probe: MemoryProbe) -> dict:
                       save_every=10**9, eval_every=10**9)
     with tempfile.TemporaryDirectory(dir=work) as run_dir:
         result = methods.train_student(ctx, method, work / "student", teacher, rows, rows[:0], cfg, run_dir,
-                                       dtype=getattr(torch, args.dtype), recompute_activations=args.recompute)
+                                       dtype=getattr(torch, args.dtype), recompute="full" if args.recompute else "none")
     tokens = args.gbs * args.seq
     step_s = [tokens / h["tokens_per_s"] for h in result["history"]]
     marks = record["cpu_marks"]  # one per step: CPU time between them is one step (logging aside)
@@ -224,7 +224,7 @@ def parse_args(argv=None):
                    "CPU seconds per step are a timing that other jobs on a shared machine barely disturb")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--recompute", action="store_true", help="activation recomputation in every method "
-                   "(ours: recompute_activations; the peer: transformers gradient checkpointing)")
+                   "(ours: full recompute, parallel.recompute=full; the peer: transformers gradient checkpointing)")
     p.add_argument("--work-dir", default=None, help="where the student, HF copies and rows go (default: a temp dir)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)

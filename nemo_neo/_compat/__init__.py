@@ -7,7 +7,8 @@ patches around it, and they all live here, each switched on explicitly:
   test suite and its torchrun workers). On a CPU-only torch it redirects megatron-core's CUDA
   assumptions to the CPU (`cpu`, module-local ``torch`` proxies, no process-wide swaps); with CUDA
   it changes nothing. It also silences megatron-core's import-time notices about optional GPU
-  accelerators (apex, Transformer Engine), which are optional here.
+  accelerators (apex, Transformer Engine), which are optional here, and fixes what megatron-core
+  gets wrong on any device without Transformer Engine (`mcore`).
 * `enable_nemo()` — `enable()` plus what NeMo 2.7.3 needs on megatron-core 0.16 (`nemo_mcore`) and
   on a CPU-only torch (`nemo_cpu`). It must run before NeMo's first import; `nemo_neo.nemo` refuses
   to import without it.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 
-from nemo_neo._compat import cpu, nemo_cpu, nemo_mcore
+from nemo_neo._compat import cpu, mcore, nemo_cpu, nemo_mcore
 
 _state = {"base": False, "nemo": False}
 
@@ -36,6 +37,7 @@ def enable() -> bool:
 
     if not _state["base"]:
         _quiet_optional_accelerator_notices()
+        mcore.fix_checkpoint_without_output()
         _state["base"] = True
     return cpu.activate_if_needed()
 

@@ -13,6 +13,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from nemo_neo.errors import ConfigError
 from nemo_neo.models.arch import GPTArch, UnsupportedConfigError
 from nemo_neo.models.attention import SDPAttention
 
@@ -76,6 +77,32 @@ def transformer_config(arch: GPTArch, tp: int = 1, pp: int = 1, dtype=torch.floa
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+# what megatron-core's selective recompute can rebuild in a dense layer of the local or TE spec
+SELECTIVE_MODULES = ("core_attn", "mlp", "layernorm")
+
+
+def recompute_overrides(mode: str = "none", modules=("core_attn",)) -> dict:
+    """TransformerConfig settings for activation recomputation (the one place they are spelled).
+
+    none: every layer keeps its activations for backward. selective: megatron-core recomputes the
+    named sub-modules of each layer in backward (core_attn: the attention scores/softmax; mlp; layernorm),
+    keeping the rest. full: only each layer's input is kept and the whole layer is rebuilt in backward
+    (uniform, one layer per checkpoint: the smallest activation memory, ~1/3 more compute)."""
+    if mode not in RECOMPUTE_MODES:
+        raise ConfigError(f"recompute={mode!r}: use one of {', '.join(RECOMPUTE_MODES)}")
+    if mode == "none":
+        return {}
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    modules = list(modules or ())
+    unknown = [m for m in modules if m not in SELECTIVE_MODULES]
+    if not modules or unknown:
+        raise ConfigError(f"recompute_modules={modules}: selective recompute needs one or more of "
+                                     f"{', '.join(SELECTIVE_MODULES)}")
+    return dict(recompute_granularity="selective", recompute_modules=modules)
 
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):

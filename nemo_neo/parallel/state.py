@@ -34,6 +34,15 @@ class ParallelConfig:
     # Megatron's sequence parallelism (with TP > 1): norms, dropout and residuals run on 1/TP of the
     # sequence; the TP all-reduces become all-gather + reduce-scatter (same bytes, 1/TP activations).
     sequence_parallel: bool = False
+    # Activation recomputation of the models that train (student; a teacher under correction):
+    # none | selective (megatron-core rebuilds `recompute_modules` in backward) | full (whole layers).
+    recompute: str = "none"
+    recompute_modules: tuple[str, ...] = ("core_attn",)
+
+    @property
+    def recompute_options(self) -> dict:
+        """The keyword arguments the training entries take for it (`recipes.distill.build_pair`)."""
+        return {"recompute": self.recompute, "recompute_modules": tuple(self.recompute_modules)}
 
     @property
     def uses_sequence_parallel(self) -> bool:

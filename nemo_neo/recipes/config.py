@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import nemo_neo
 from nemo_neo.distill.losses import KDLossConfig
 from nemo_neo.errors import ConfigError
+from nemo_neo.models.gpt import recompute_overrides
 from nemo_neo.parallel import ParallelConfig
 from nemo_neo.peft.apply import LoRAConfig
 from nemo_neo.prune.importance import ImportanceConfig
@@ -265,6 +266,10 @@ def build(cfg: DictConfig) -> RecipeConfig:
                                 "or {num_layers: 16}), prune.drop_layers, or a search budget (prune.search.budget.params=100e6)")
     parallel = _build(ParallelConfig, _plain(cfg.parallel), "parallel")
     data = _build(DataSection, _plain(cfg.data), "data")
+    try:
+        recompute_overrides(parallel.recompute, parallel.recompute_modules)
+    except ConfigError as e:
+        raise RecipeConfigError(f"parallel.{e}") from None
     if parallel.uses_sequence_parallel and data.seq_length % parallel.tensor_parallel:
         raise RecipeConfigError(f"parallel.sequence_parallel=true splits each sequence over tensor_parallel="
                                 f"{parallel.tensor_parallel} ranks: data.seq_length={data.seq_length} must be a multiple "

@@ -13,6 +13,7 @@ from nemo_neo.distill.objective import distillation_metrics, kd_loss_fn, kd_with
 from nemo_neo.distill.teacher_cache import CachedTargetSamples, TeacherCache
 from nemo_neo.eval.lm_loss import validation_loss
 from nemo_neo.models.dtype import default_dtype
+from nemo_neo.models.gpt import recompute_overrides
 from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.train import state as ckpt_state
 from nemo_neo.train.loop import TrainConfig, Trainer
@@ -20,17 +21,19 @@ from nemo_neo.train.loop import TrainConfig, Trainer
 log = logging.getLogger("nemo_neo.recipes")
 
 
-def build_pair(ctx: ParallelContext, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, recompute_activations=False,
-               train_teacher=False):
+def build_pair(ctx: ParallelContext, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, recompute="none",
+               recompute_modules=("core_attn",), train_teacher=False):
     """Student (trainable) and frozen teacher stages for this rank. `teacher_dtype` may be lower
-    precision than the student's; `recompute_activations` recomputes each student layer in backward."""
+    precision than the student's. recompute (none / selective of `recompute_modules` / full, see
+    `models.gpt.recompute_overrides`) applies to the student, and to the teacher when it trains too
+    (a frozen teacher runs without autograd and keeps no activations)."""
     student_arch, _ = read_index(student_ckpt)
     teacher_arch, _ = read_index(teacher_ckpt)
     check_teacher_compatible(student_arch, teacher_arch, student_ckpt, teacher_ckpt)  # before any compute
     dtype = dtype or default_dtype()
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute_activations else {}
-    student, _, _ = load_model(student_ckpt, ctx, dtype, **recompute)
-    teacher, _, _ = load_model(teacher_ckpt, ctx, teacher_dtype or dtype)
+    settings = recompute_overrides(recompute, recompute_modules)
+    student, _, _ = load_model(student_ckpt, ctx, dtype, **settings)
+    teacher, _, _ = load_model(teacher_ckpt, ctx, teacher_dtype or dtype, **(settings if train_teacher else {}))
     return DistillationPair(student, teacher, train_teacher=train_teacher), student_arch
 
 
@@ -72,8 +75,8 @@ def distill(ctx: ParallelContext, student_ckpt, teacher_ckpt, train_rows, valid_
 
 def distill_from_cache(ctx: ParallelContext, student_ckpt, cache_dir, train_rows, valid_rows, train_cfg: TrainConfig,
                        run_dir, loss_cfg: KDLossConfig | None = None, eval_micro_batch_size: int = 4,
-                       prepare_student=None, teacher_ckpt=None, dtype=None, recompute_activations=False,
-                       teacher_dtype=None) -> dict:
+                       prepare_student=None, teacher_ckpt=None, dtype=None, recompute="none",
+                       recompute_modules=("core_attn",), teacher_dtype=None) -> dict:
     """`distill` with the teacher's top-K targets read from a teacher cache (`nemo_neo.distill.
     teacher_cache`): no teacher weights are loaded. The cache must have been made for these samples,
     the student's tokenizer and (when `teacher_ckpt` is named; only its fingerprint is read) that
@@ -85,8 +88,7 @@ def distill_from_cache(ctx: ParallelContext, student_ckpt, cache_dir, train_rows
     check_loss_for_cache(loss_cfg, cache)
     arch, _ = read_index(student_ckpt)
     cache.check(train_rows, arch.vocab_size, student_ckpt, teacher_ckpt)
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute_activations else {}
-    student, _, _ = load_model(student_ckpt, ctx, dtype or default_dtype(), **recompute)
+    student, _, _ = load_model(student_ckpt, ctx, dtype or default_dtype(), **recompute_overrides(recompute, recompute_modules))
     if prepare_student is not None:
         prepare_student(student)
 

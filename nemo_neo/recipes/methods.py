@@ -33,6 +33,7 @@ from nemo_neo.distill.objective import distillation_metrics, lm_loss_fn
 from nemo_neo.errors import ConfigError
 from nemo_neo.eval.lm_loss import validation_loss
 from nemo_neo.models.dtype import default_dtype
+from nemo_neo.models.gpt import recompute_overrides
 from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.peft.apply import LoRAConfig, apply_lora, merge_lora, save_adapters, trainable_report
 from nemo_neo.recipes.distill import distill, distill_from_cache
@@ -123,10 +124,9 @@ def validation_metrics(ctx: ParallelContext, student, student_arch, student_ckpt
 
 def _train_on_labels(ctx: ParallelContext, method: MethodConfig, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg,
                      run_dir, eval_micro_batch_size, prepare_student, dtype=None, teacher_dtype=None,
-                     recompute_activations=False) -> dict:
+                     recompute="none", recompute_modules=("core_attn",)) -> dict:
     """sft / lora: the student alone trains on next-token CE; the teacher only validates."""
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute_activations else {}
-    student, arch, _ = load_model(student_ckpt, ctx, dtype or default_dtype(), **recompute)
+    student, arch, _ = load_model(student_ckpt, ctx, dtype or default_dtype(), **recompute_overrides(recompute, recompute_modules))
     prepare_student(student)
     before = validation_metrics(ctx, student, arch, student_ckpt, valid_rows, eval_micro_batch_size, teacher_ckpt, teacher_dtype)
 
@@ -160,7 +160,7 @@ def train_student(ctx: ParallelContext, method: MethodConfig, student_ckpt, teac
         running the teacher (no teacher weights loaded; `teacher_ckpt`, if given, is only checked
         against the cache's fingerprint); before / after then hold the LM loss and the sparse top-K +
         tail KL against the cache's validation split (the LM loss alone for a cache without one).
-    pair_options: dtype, teacher_dtype, recompute_activations (as `build_pair`).
+    pair_options: dtype, teacher_dtype, recompute, recompute_modules (as `build_pair`).
     Returns {method, before, after, history, final, resumed_from, trainable, checkpoint[, adapters]};
     before / after hold the validation loss, perplexity and (with a teacher) kl."""
     method.validate()

@@ -104,7 +104,7 @@ class Recipe:
         train, valid = self.rows()
         out_dir = self.run.stage_dir("correct")
         result = train_student(self.ctx, c.method, source, None, train, valid, c.train, out_dir,
-                               out_ckpt=out_dir / "teacher")
+                               out_ckpt=out_dir / "teacher", **self.cfg.parallel.recompute_options)
         return {"mode": c.mode, "source": str(source), **result}
 
     def prune(self) -> dict:
@@ -181,11 +181,12 @@ class Recipe:
         if cache is not None:
             result = train_student(self.ctx, d.method, student, teacher, train, valid, d.train, out_dir,
                                    out_ckpt=out_dir / "student", eval_micro_batch_size=self.cfg.evaluate.micro_batch_size,
-                                   teacher_cache=cache)
+                                   teacher_cache=cache, **self.cfg.parallel.recompute_options)
         elif self.cfg.correct.in_parallel:
             c = self.cfg.correct.train.optim
             result = distill(self.ctx, student, teacher, train, valid, d.train, out_dir, d.loss,
-                             self.cfg.evaluate.micro_batch_size, correct_teacher_lr=(c.lr, c.min_lr))
+                             self.cfg.evaluate.micro_batch_size, correct_teacher_lr=(c.lr, c.min_lr),
+                             **self.cfg.parallel.recompute_options)
             # the final student and teacher as models of their own (hard links): they outlive the
             # training checkpoints, which are released once the stage is finished
             for key, name in (("checkpoint", "student"), ("teacher_checkpoint", "teacher")):
@@ -195,7 +196,8 @@ class Recipe:
             _barrier(self.ctx)
         else:
             result = train_student(self.ctx, d.method, student, teacher, train, valid, d.train, out_dir,
-                                   out_ckpt=out_dir / "student", eval_micro_batch_size=self.cfg.evaluate.micro_batch_size)
+                                   out_ckpt=out_dir / "student", eval_micro_batch_size=self.cfg.evaluate.micro_batch_size,
+                                   **self.cfg.parallel.recompute_options)
         return {"method": "kd+correction" if self.cfg.correct.in_parallel else d.method.method, "student_start": str(student),
                 "teacher": str(teacher), **result}
 

@@ -65,6 +65,16 @@ def test_a_typo_in_a_loss_key_is_refused_by_name():
         rc.build(compose("distill.loss.top_k=0"))
 
 
+def test_activation_recompute_is_read_from_the_parallel_section_and_checked():
+    assert rc.build(compose()).parallel.recompute_options == {"recompute": "none", "recompute_modules": ("core_attn",)}
+    cfg = rc.build(compose("parallel.recompute=selective", "parallel.recompute_modules=[core_attn,mlp]"))
+    assert cfg.parallel.recompute_options == {"recompute": "selective", "recompute_modules": ("core_attn", "mlp")}
+    with pytest.raises(rc.RecipeConfigError, match=r"^parallel.recompute='layers': use one of none, selective, full$"):
+        rc.build(compose("parallel.recompute=layers"))
+    with pytest.raises(rc.RecipeConfigError, match=r"parallel.recompute_modules=\['moe'\]: .*core_attn, mlp, layernorm"):
+        rc.build(compose("parallel.recompute=selective", "parallel.recompute_modules=[moe]"))
+
+
 def test_top_k_from_the_recipe_trains_with_the_top_k_loss(tiny_pair, parallel_ctx, tmp_path):
     """One KD step from the recipe's config with distill.loss.top_k=4: the loss the trainer logs is the
     top-k forward KL computed directly on the same rows (and differs from the full-vocabulary KL)."""

@@ -118,24 +118,59 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_pair, tmp_path, pa
     assert any(not torch.equal(saved_before[k], v) for k, v in pair.student.state_dict().items() if k in saved_before)
 
 
-def test_activation_recompute_gives_identical_gradients(tiny_pair, parallel_ctx):
+@pytest.mark.parametrize("train_teacher", [False, True])
+def test_activation_recompute_gives_identical_gradients(tiny_pair, parallel_ctx, train_teacher):
+    """selective (every module megatron can rebuild) and full recompute: the same gradients as keeping
+    the activations, for the student and (teacher correction in parallel) the teacher."""
     from nemo_neo.distill.losses import KDLossConfig
-    from nemo_neo.distill.objective import kd_loss_fn
+    from nemo_neo.distill.objective import kd_loss_fn, kd_with_correction_loss_fn
     from nemo_neo.recipes.distill import build_pair
     from nemo_neo.train.schedule import run_microbatches, wrap_ddp
 
     ids = torch.randint(0, 49152, (2, 13), generator=torch.Generator().manual_seed(0))
+    loss_fn = kd_with_correction_loss_fn(KDLossConfig()) if train_teacher else kd_loss_fn(KDLossConfig())
     grads = []
-    for recompute in (False, True):
-        pair, _ = build_pair(parallel_ctx, tiny_pair / "student", tiny_pair / "teacher", recompute_activations=recompute)
-        assert (pair.student.config.recompute_granularity == "full") == recompute
+    for mode, modules in (("none", ()), ("selective", ("core_attn", "mlp", "layernorm")), ("full", ())):
+        pair, _ = build_pair(parallel_ctx, tiny_pair / "student", tiny_pair / "teacher", recompute=mode,
+                             recompute_modules=modules, train_teacher=train_teacher)
+        expected = None if mode == "none" else mode
+        assert pair.student.config.recompute_granularity == expected
+        assert pair.teacher.config.recompute_granularity == (expected if train_teacher else None)
         pair.config.calculate_per_token_loss = True
+        layer = pair.student.decoder.layers[0]
+        calls = {"mlp": 0, "core_attention": 0}
+        for name, module in (("mlp", layer.mlp), ("core_attention", layer.self_attention.core_attention)):
+            module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
         ddp = wrap_ddp(pair)
         pair.train()
-        run_microbatches(ddp, [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}], kd_loss_fn(KDLossConfig()))
-        grads.append({n: p.main_grad.clone() for n, p in pair.student.named_parameters()})
-    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
-    assert any(g.abs().sum() > 0 for g in grads[0].values())
+        run_microbatches(ddp, [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}], loss_fn)
+        # rebuilt in backward = run twice: nothing without recompute, the named modules, whole layers
+        assert calls == {"none": {"mlp": 1, "core_attention": 1}, "selective": {"mlp": 2, "core_attention": 2},
+                         "full": {"mlp": 2, "core_attention": 2}}[mode]
+        grads.append({n: p.main_grad.clone() for n, p in pair.named_parameters() if p.requires_grad})
+    assert any(k.startswith("teacher.") for k in grads[0]) == train_teacher
+    for other in grads[1:]:
+        assert grads[0].keys() == other.keys()
+        # recomputed layers may sum in another order: equal up to fp32 rounding, relative to each gradient
+        rel = {k: ((other[k] - grads[0][k]).norm() / grads[0][k].norm()).item() for k in grads[0]}
+        assert max(rel.values()) <= 1e-6, max(rel.items(), key=lambda kv: kv[1])
+    zero = [k for k, g in grads[0].items() if not g.abs().sum() > 0]
+    assert not zero, zero
+
+
+def test_recompute_settings_are_checked():
+    from nemo_neo.errors import ConfigError
+    from nemo_neo.models.gpt import recompute_overrides
+
+    assert recompute_overrides("none") == {}
+    assert recompute_overrides("full")["recompute_granularity"] == "full"
+    assert recompute_overrides("selective", ["mlp"]) == {"recompute_granularity": "selective", "recompute_modules": ["mlp"]}
+    with pytest.raises(ConfigError, match="use one of none, selective, full"):
+        recompute_overrides("partial")
+    with pytest.raises(ConfigError, match="core_attn, mlp, layernorm"):
+        recompute_overrides("selective", ["moe_act"])
+    with pytest.raises(ConfigError, match="one or more"):
+        recompute_overrides("selective", [])
 
 
 def test_full_disk_during_a_save_is_one_error_and_keeps_the_last_checkpoint(tiny_pair, tmp_path, parallel_ctx,

@@ -64,9 +64,26 @@ RANDOM_CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=10, max_position_embeddings=256,
         tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
     ),
+    # An interleaved-pipeline pair (PP=2 x VPP=2): a teacher deeper (8 layers: 2 per chunk) and wider than
+    # its tied student (4 layers: 1 per chunk), on one vocabulary
+    "vpp_teacher": dict(
+        model_type="llama", vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=8,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    ),
+    "vpp_student": dict(
+        model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    ),
     # Tiny models on SmolLM2's vocabulary, so its real tokenizer feeds them (training-loop tests)
     "tiny_teacher_smol_vocab": dict(
         model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+    ),
+    # 4 layers: splits over PP=2 x VPP=2 (tests/recipes/test_recipe_vpp.py)
+    "tiny_deep_teacher_smol_vocab": dict(
+        model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
     ),
     "tiny_student_smol_vocab": dict(

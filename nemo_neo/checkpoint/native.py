@@ -29,6 +29,7 @@ from nemo_neo.checkpoint import atomic, sharding
 from nemo_neo.checkpoint.hf_io import CheckpointError, copy_tokenizer_files
 from nemo_neo.checkpoint.hf_mapping import expected_neo_shapes
 from nemo_neo.models.arch import GPTArch, arch_from_hf_config
+from nemo_neo.parallel import chunks
 from nemo_neo.parallel.reduce import merge_stage_dicts
 from nemo_neo.parallel.state import ParallelContext
 
@@ -83,9 +84,11 @@ def local_tensors(model: torch.nn.Module, arch: GPTArch) -> dict[str, torch.Tens
     return out
 
 
-def gather_stage_tensors(local: dict[str, torch.Tensor], arch: GPTArch, ctx: ParallelContext) -> dict[str, torch.Tensor]:
-    """Collective over the TP group: this stage's local tensors -> full tensors, global names, CPU."""
-    offset = sharding.layer_offset(arch.num_layers, ctx.pp_rank, ctx.pp_size)
+def gather_stage_tensors(local: dict[str, torch.Tensor], arch: GPTArch, ctx: ParallelContext,
+                         vp_stage: int | None = None) -> dict[str, torch.Tensor]:
+    """Collective over the TP group: this stage's (or model chunk's) local tensors -> full tensors,
+    global names, CPU."""
+    offset = chunks.chunk_layer_offset(arch.num_layers, ctx, vp_stage)
     full = {}
     for name, tensor in local.items():
         if ctx.tp_size > 1 and sharding.tp_split(name) is not None:
@@ -106,7 +109,8 @@ def rank_state_file(ckpt, rank: int) -> Path:
 
 def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx: ParallelContext, tokenizer_src=None,
                      metadata: dict | None = None, overwrite: bool = False, rank_state: dict | None = None) -> Path:
-    """Collective save from every rank of a (possibly TP/PP-sharded) model.
+    """Collective save from every rank of a (possibly TP/PP-sharded) model, or of this rank's model
+    chunks (a list, interleaved pipeline): each chunk's layers under their global numbers.
 
     `rank_state` (optimizer, scheduler, data position, RNG) is this rank's training state; each rank
     writes its own file into the same checkpoint, which only appears once every rank has written."""
@@ -119,7 +123,9 @@ def save_distributed(out, arch: GPTArch, model: torch.nn.Module, ctx: ParallelCo
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
     dist.barrier()
-    full = gather_stage_tensors(local_tensors(model, arch), arch, ctx)
+    full = {}
+    for chunk in chunks.as_chunks(model):
+        full.update(gather_stage_tensors(local_tensors(chunk, arch), arch, ctx, getattr(chunk, "vp_stage", None)))
     writer = ctx.tp_rank == 0 and ctx.dp_rank == 0
     described = {}
     # A rank whose write fails raises here; the others then wait at the next collective until
@@ -225,14 +231,21 @@ def load_full_state(ckpt) -> tuple[GPTArch, dict[str, torch.Tensor], dict]:
     return arch, state, index
 
 
-def load_into_model(ckpt, model: torch.nn.Module, arch: GPTArch, ctx: ParallelContext) -> dict:
-    """Fill this rank's (TP/PP-sharded) model from a checkpoint saved at any TP/PP. Returns metadata."""
+def load_into_model(ckpt, model, arch: GPTArch, ctx: ParallelContext) -> dict:
+    """Fill this rank's (TP/PP-sharded) model, or its list of model chunks (interleaved pipeline),
+    from a checkpoint saved at any TP/PP/VPP. Returns metadata."""
     ckpt = Path(ckpt)
     saved_arch, index = read_index(ckpt)
     if expected_neo_shapes(saved_arch) != expected_neo_shapes(arch):
         raise CheckpointError(f"{ckpt} holds a different architecture than the model being loaded.")
     reader = _Reader(ckpt)
-    offset = sharding.layer_offset(arch.num_layers, ctx.pp_rank, ctx.pp_size)
+    for chunk in chunks.as_chunks(model):
+        _load_chunk(reader, index, chunk, arch, ctx)
+    return index["metadata"]
+
+
+def _load_chunk(reader: _Reader, index: dict, model: torch.nn.Module, arch: GPTArch, ctx: ParallelContext) -> None:
+    offset = chunks.chunk_layer_offset(arch.num_layers, ctx, getattr(model, "vp_stage", None))
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name.endswith("_extra_state") or tensor is None:
@@ -248,4 +261,3 @@ def load_into_model(ckpt, model: torch.nn.Module, arch: GPTArch, ctx: ParallelCo
             if value.shape != tensor.shape:
                 raise CheckpointError(f"{source}: slice {tuple(value.shape)} does not fit parameter {tuple(tensor.shape)}.")
             tensor.copy_(value.to(tensor.dtype))
-    return index["metadata"]

@@ -9,6 +9,12 @@ chunked) is computed there. Only the student learns: the teacher is in eval mode
 have requires_grad=False (so DDP gives them no grad buffers and the optimizer no state) and it
 runs under no_grad. Checkpoints are written from `pair.student` alone.
 
+Under an interleaved (virtual) pipeline each rank holds one pair per virtual stage (a student chunk
+and the teacher chunk of the same virtual stage, `recipes.distill.build_pairs`). megatron's
+interleaved schedule takes no `adjust_tensor_shapes_fn`: it sizes every p2p tensor from the first
+chunk's `config.hidden_size`, so a chunk's `config` is a copy of the student's with the width of
+both hidden states (the student's own config is untouched).
+
 With `train_teacher=True` (teacher correction "in parallel" with distillation) the teacher keeps
 learning from its own LM loss: it runs with gradients and its hidden states travel between stages
 undetached; the KD term still sees detached teacher logits (see `objective.kd_with_correction_loss_fn`).
@@ -19,6 +25,8 @@ logits chunk by chunk (`nemo_neo.distill.fused`); the objective dispatches on wh
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -65,6 +73,12 @@ class DistillationPair(torch.nn.Module):
         self.config = student.config  # megatron's schedule reads the model's config
         self.student_hidden = student.config.hidden_size
         self.teacher_hidden = teacher.config.hidden_size
+        self.vp_stage = getattr(student, "vp_stage", None)
+        if self.vp_stage is not None:  # a chunk of an interleaved pipeline (see the module docstring)
+            if getattr(teacher, "vp_stage", None) != self.vp_stage:
+                raise ValueError(f"student chunk {self.vp_stage} paired with teacher chunk {teacher.vp_stage}")
+            self.config = copy.copy(student.config)
+            self.config.hidden_size = self.student_hidden + self.teacher_hidden
 
     # --- what megatron-core's schedule and finalize_model_grads ask of a model -------------------
     @property

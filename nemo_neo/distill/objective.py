@@ -9,6 +9,7 @@ import torch
 from nemo_neo.data.dataset import collate
 from nemo_neo.distill.fused import HeadInputs, fused_distillation_loss
 from nemo_neo.distill.losses import KDLossConfig, distillation_loss
+from nemo_neo.parallel import chunks
 from nemo_neo.parallel.reduce import sum_from_last_stage
 from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.train.schedule import run_microbatches
@@ -85,20 +86,24 @@ def kd_with_correction_loss_fn(config: KDLossConfig, tp_group=None, chunk_tokens
 @torch.no_grad()
 def validation_sums(model, ctx: ParallelContext, batches: list[dict], kl_and_ce, adjust_tensor_shapes_fn=None) -> dict:
     """{kl, loss, perplexity} per token over `batches` (this DP rank's share of the held-out rows),
-    forward only through the pipeline; kl_and_ce(output, batch) -> (KL, CE) KDLossOutputs on the last stage."""
-    was_training = model.training
-    model.eval()
+    forward only through the pipeline; kl_and_ce(output, batch) -> (KL, CE) KDLossOutputs on the last stage.
+    `model`: a DistillationPair, or this rank's list of pair chunks (interleaved pipeline)."""
+    was_training = chunks.is_training(model)
+    chunks.set_train(model, False)
 
     def metrics_fn(output, batch):
         kl, ce = kl_and_ce(output, batch)
         return kl.loss_sum, {"sums": torch.stack([kl.loss_sum.double(), ce.loss_sum.double(), ce.num_tokens.double()])}
 
     total = torch.zeros(3, dtype=torch.float64)
-    for batch in batches:  # one micro-batch at a time: validation holds no more than one's activations
-        for r in run_microbatches(model, [batch], metrics_fn, forward_only=True, adjust_tensor_shapes_fn=adjust_tensor_shapes_fn):
+    # one micro-batch at a time: validation holds no more than one's activations; megatron's interleaved
+    # schedule needs at least PP micro-batches per call: all of them in one (forward only: none kept)
+    groups = [batches] if ctx.vpp_size > 1 and batches else [[b] for b in batches]
+    for group in groups:
+        for r in run_microbatches(model, group, metrics_fn, forward_only=True, adjust_tensor_shapes_fn=adjust_tensor_shapes_fn):
             total += r["sums"].cpu()
     kl_sum, ce_sum, tokens = sum_from_last_stage(total, ctx).tolist()
-    model.train(was_training)
+    chunks.set_train(model, was_training)
     tokens = max(tokens, 1.0)
     return {"kl": kl_sum / tokens, "loss": ce_sum / tokens, "perplexity": math.exp(ce_sum / tokens)}
 
@@ -117,4 +122,4 @@ def distillation_metrics(pair, ctx: ParallelContext, rows: torch.Tensor, micro_b
         return (pair_loss(student, teacher, kl_config, {"loss_mask": batch.get("loss_mask")}, tp_group),
                 pair_loss(student, teacher, CE_ONLY, batch, tp_group))
 
-    return validation_sums(pair, ctx, batches, kl_and_ce, pair.pair_tensor_shapes)
+    return validation_sums(pair, ctx, batches, kl_and_ce, chunks.as_chunks(pair)[0].pair_tensor_shapes)

@@ -22,7 +22,7 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def check_parallel_fit(arch: GPTArch, tp: int, pp: int) -> None:
+def check_parallel_fit(arch: GPTArch, tp: int, pp: int, vpp: int = 1) -> None:
     """Shapes that do not split over TP/PP: one clear error before anything is built."""
     problems = []
     if arch.num_query_groups % tp:
@@ -33,11 +33,12 @@ def check_parallel_fit(arch: GPTArch, tp: int, pp: int) -> None:
         problems.append(f"intermediate_size={arch.ffn_hidden_size} is not divisible by TP={tp}")
     if arch.vocab_size % tp:
         problems.append(f"vocab_size={arch.vocab_size} is not divisible by TP={tp}")
-    if arch.num_layers % pp:
-        problems.append(f"num_hidden_layers={arch.num_layers} is not divisible by PP={pp}")
+    if arch.num_layers % (pp * vpp):
+        problems.append(f"num_hidden_layers={arch.num_layers} is not divisible by PP={pp}"
+                        + (f" x virtual_pipeline={vpp} (one chunk of layers per virtual stage)" if vpp > 1 else ""))
     if problems:
         raise UnsupportedConfigError(
-            "model does not fit the parallel layout: " + "; ".join(problems) + ". Choose TP/PP that divide them."
+            "model does not fit the parallel layout: " + "; ".join(problems) + ". Choose TP/PP/VPP that divide them."
         )
 
 
@@ -48,14 +49,15 @@ def shape_kwargs(arch: GPTArch) -> dict:
                 kv_channels=arch.head_dim, layernorm_epsilon=arch.norm_eps, add_qkv_bias=arch.qkv_bias)
 
 
-def transformer_config(arch: GPTArch, tp: int = 1, pp: int = 1, dtype=torch.float32, **overrides):
+def transformer_config(arch: GPTArch, tp: int = 1, pp: int = 1, dtype=torch.float32, vpp: int = 1, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    check_parallel_fit(arch, tp, pp)
+    check_parallel_fit(arch, tp, pp, vpp)
     kwargs = dict(
         **shape_kwargs(arch),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=F.silu,
@@ -75,6 +77,13 @@ def transformer_config(arch: GPTArch, tp: int = 1, pp: int = 1, dtype=torch.floa
         use_cpu_initialization=not torch.cuda.is_available(),
         deallocate_pipeline_outputs=True,
     )
+    if vpp > 1:
+        # The interleaved schedule's p2p, unbatched and blocking. Batched (megatron's default) posts the
+        # send to and the receive from the previous and the next stage in one batch: at PP=2 both are
+        # the same peer and the tensors have one shape, and gloo matched an activation with a gradient
+        # (measured: wrong logits from the third micro-batch on). Overlapped (Megatron-LM's choice with
+        # VPP) also gave a wrong micro-batch here. Unbatched p2p uses two groups at PP=2 and matched.
+        kwargs.update(overlap_p2p_comm=False, batch_p2p_comm=False)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -192,8 +201,10 @@ def _gpt_model_class():
     return NeoGPTModel
 
 
-def build_gpt(arch: GPTArch, config, pre_process: bool = True, post_process: bool = True, use_te=None):
-    """The GPTModel for one pipeline stage (pre_process: has embeddings; post_process: has the head)."""
+def build_gpt(arch: GPTArch, config, pre_process: bool = True, post_process: bool = True, use_te=None,
+              vp_stage: int | None = None):
+    """The GPTModel for one pipeline stage (pre_process: has embeddings; post_process: has the head;
+    vp_stage: its virtual stage under an interleaved pipeline, see `nemo_neo.parallel.chunks`)."""
     rope = arch.rope
     model = _gpt_model_class()(
         config=config,
@@ -206,6 +217,7 @@ def build_gpt(arch: GPTArch, config, pre_process: bool = True, post_process: boo
         position_embedding_type="rope",
         rotary_base=rope.theta,
         seq_len_interpolation_factor=rope.factor if rope.rope_type == "linear" else None,
+        vp_stage=vp_stage,
     )
     if rope.rope_type == "llama3":
         rotary = model.rotary_pos_emb

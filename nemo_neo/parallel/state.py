@@ -38,6 +38,14 @@ class ParallelConfig:
     # none | selective (megatron-core rebuilds `recompute_modules` in backward) | full (whole layers).
     recompute: str = "none"
     recompute_modules: tuple[str, ...] = ("core_attn",)
+    # Interleaved (virtual) pipeline: each PP rank holds this many model chunks (megatron's
+    # virtual_pipeline_model_parallel_size); null or 1 = one chunk per rank. Needs PP > 1.
+    virtual_pipeline: int | None = None
+
+    @property
+    def vpp(self) -> int:
+        """Model chunks per pipeline rank (1 without an interleaved pipeline)."""
+        return int(self.virtual_pipeline or 1)
 
     @property
     def recompute_options(self) -> dict:
@@ -66,6 +74,7 @@ class ParallelContext:
     pp_group: object
     dp_group: object
     sequence_parallel: bool = False  # only ever true with tp_size > 1
+    vpp_size: int = 1  # model chunks per pipeline rank (interleaved schedule when > 1)
 
     @property
     def is_first_stage(self) -> bool:
@@ -80,10 +89,13 @@ class ParallelContext:
         return self.rank == 0
 
 
-def validate_layout(world_size: int, tp: int, pp: int) -> int:
+def validate_layout(world_size: int, tp: int, pp: int, vpp: int = 1) -> int:
     """Return the data-parallel size, or raise one clear error."""
     if tp < 1 or pp < 1:
         raise ParallelConfigError(f"tensor_parallel={tp} and pipeline_parallel={pp} must be >= 1.")
+    if vpp < 1 or (vpp > 1 and pp < 2):
+        raise ParallelConfigError(f"virtual_pipeline={vpp} needs pipeline_parallel >= 2 (it splits each pipeline "
+                                  "rank's layers into chunks); set parallel.virtual_pipeline=null or raise pipeline_parallel.")
     if world_size % (tp * pp) != 0:
         raise ParallelConfigError(
             f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = "
@@ -108,7 +120,7 @@ def initialize(config: ParallelConfig | None = None) -> ParallelContext:
     if not dist.is_initialized():
         single = "RANK" not in os.environ  # a plain `python` run: a world of one
         world_size = 1 if single else int(os.environ["WORLD_SIZE"])
-        validate_layout(world_size, config.tensor_parallel, config.pipeline_parallel)
+        validate_layout(world_size, config.tensor_parallel, config.pipeline_parallel, config.vpp)
         extra = {}
         if cuda:
             local = int(os.environ.get("LOCAL_RANK", 0))
@@ -127,17 +139,20 @@ def initialize(config: ParallelConfig | None = None) -> ParallelContext:
             **extra,
         )
     world_size = dist.get_world_size()
-    dp = validate_layout(world_size, config.tensor_parallel, config.pipeline_parallel)
+    dp = validate_layout(world_size, config.tensor_parallel, config.pipeline_parallel, config.vpp)
+    vpp = config.vpp if config.vpp > 1 else None  # megatron: None selects the non-interleaved schedule
     if parallel_state.model_parallel_is_initialized():
         if (
             parallel_state.get_tensor_model_parallel_world_size() != config.tensor_parallel
             or parallel_state.get_pipeline_model_parallel_world_size() != config.pipeline_parallel
+            or parallel_state.get_virtual_pipeline_model_parallel_world_size() != vpp
         ):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=config.tensor_parallel,
             pipeline_model_parallel_size=config.pipeline_parallel,
+            virtual_pipeline_model_parallel_size=vpp,
         )
     tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -156,6 +171,7 @@ def initialize(config: ParallelConfig | None = None) -> ParallelContext:
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
         sequence_parallel=config.uses_sequence_parallel,
+        vpp_size=config.vpp,
     )
 
 

@@ -12,6 +12,7 @@ import torch
 from nemo_neo.checkpoint import sharding
 from nemo_neo.checkpoint.native import gather_stage_tensors
 from nemo_neo.errors import ConfigError
+from nemo_neo.parallel import chunks
 from nemo_neo.parallel.reduce import merge_stage_dicts
 from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.peft.lora import LoRALinear, qkv_part_rows
@@ -62,7 +63,7 @@ def apply_lora(model: torch.nn.Module, config: LoRAConfig, ctx: ParallelContext)
     targets = config.resolved_targets()
     for p in model.parameters():
         p.requires_grad_(False)
-    offset = sharding.layer_offset(model.config.num_layers, ctx.pp_rank, ctx.pp_size)
+    offset = chunks.layer_offset(model, ctx)  # global layer numbers seed the init: the same at any PP/VPP
     adapters = {}
     for i, layer in enumerate(model.decoder.layers):
         for parent, attr in ((layer.self_attention, "linear_qkv"), (layer.self_attention, "linear_proj"),
@@ -90,10 +91,10 @@ def adapters_of(model: torch.nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def trainable_report(model: torch.nn.Module) -> dict:
-    """Trainable and total parameters per module type (this rank's shard)."""
+def trainable_report(model) -> dict:
+    """Trainable and total parameters per module type (this rank's shard: a model or its chunks)."""
     report = defaultdict(lambda: {"trainable": 0, "total": 0})
-    for name, p in model.named_parameters():
+    for name, p in (named for chunk in chunks.as_chunks(model) for named in chunk.named_parameters()):
         parts = [x for x in name.split(".") if not x.isdigit() and x not in ("decoder", "layers", "base", "weight", "bias")]
         kind = ".".join(parts[-2:]) if any(x.startswith("lora_") for x in parts) else (parts[-1] if parts else name)
         report[kind]["total"] += p.numel()
@@ -120,8 +121,11 @@ def merge_lora(model: torch.nn.Module) -> int:
 def adapter_state(model: torch.nn.Module, arch, ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """Full (TP-gathered) adapter tensors of this stage with global names (collective over TP)."""
 
-    local = {n: p for n, p in model.named_parameters() if ".lora_" in n}
-    return gather_stage_tensors(local, arch, ctx)
+    out = {}
+    for chunk in chunks.as_chunks(model):  # a model or this rank's chunks (interleaved pipeline)
+        local = {n: p for n, p in chunk.named_parameters() if ".lora_" in n}
+        out.update(gather_stage_tensors(local, arch, ctx, getattr(chunk, "vp_stage", None)))
+    return out
 
 
 def save_adapters(path, model, arch, ctx: ParallelContext, config: LoRAConfig) -> None:
@@ -149,7 +153,7 @@ def load_adapters(path, model, ctx: ParallelContext) -> None:
     """Load adapters saved by `save_adapters` into a LoRA-wrapped model at any TP/PP."""
     from safetensors import safe_open
 
-    offset = sharding.layer_offset(model.config.num_layers, ctx.pp_rank, ctx.pp_size)
+    offset = chunks.layer_offset(model, ctx)
     with safe_open(str(path), framework="pt") as f:
         saved = set(f.keys())
         for name, p in model.named_parameters():

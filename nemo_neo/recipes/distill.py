@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from nemo_neo.checkpoint.load import load_model
+from nemo_neo.checkpoint.load import load_chunks, load_model
 from nemo_neo.checkpoint.native import read_index
 from nemo_neo.distill.cached import cached_kd_loss_fn, cached_validation_metrics, check_loss_for_cache
 from nemo_neo.distill.losses import KDLossConfig
@@ -21,20 +21,30 @@ from nemo_neo.train.loop import TrainConfig, Trainer
 log = logging.getLogger("nemo_neo.recipes")
 
 
-def build_pair(ctx: ParallelContext, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, recompute="none",
-               recompute_modules=("core_attn",), train_teacher=False):
-    """Student (trainable) and frozen teacher stages for this rank. `teacher_dtype` may be lower
-    precision than the student's. recompute (none / selective of `recompute_modules` / full, see
-    `models.gpt.recompute_overrides`) applies to the student, and to the teacher when it trains too
-    (a frozen teacher runs without autograd and keeps no activations)."""
+def build_pairs(ctx: ParallelContext, student_ckpt, teacher_ckpt, dtype=None, teacher_dtype=None, recompute="none",
+                recompute_modules=("core_attn",), train_teacher=False):
+    """Student (trainable) and frozen teacher stages for this rank: a list of one DistillationPair, or
+    under an interleaved pipeline one per virtual stage (student and teacher split over the same
+    virtual stages). `teacher_dtype` may be lower precision than the student's. recompute (none /
+    selective of `recompute_modules` / full, see `models.gpt.recompute_overrides`) applies to the
+    student, and to the teacher when it trains too (a frozen teacher runs without autograd and keeps
+    no activations)."""
     student_arch, _ = read_index(student_ckpt)
     teacher_arch, _ = read_index(teacher_ckpt)
     check_teacher_compatible(student_arch, teacher_arch, student_ckpt, teacher_ckpt)  # before any compute
     dtype = dtype or default_dtype()
     settings = recompute_overrides(recompute, recompute_modules)
-    student, _, _ = load_model(student_ckpt, ctx, dtype, **settings)
-    teacher, _, _ = load_model(teacher_ckpt, ctx, teacher_dtype or dtype, **(settings if train_teacher else {}))
-    return DistillationPair(student, teacher, train_teacher=train_teacher), student_arch
+    students, _, _ = load_chunks(student_ckpt, ctx, dtype, **settings)
+    teachers, _, _ = load_chunks(teacher_ckpt, ctx, teacher_dtype or dtype, **(settings if train_teacher else {}))
+    return [DistillationPair(s, t, train_teacher=train_teacher) for s, t in zip(students, teachers)], student_arch
+
+
+def build_pair(ctx: ParallelContext, student_ckpt, teacher_ckpt, **options):
+    """`build_pairs` for one chunk per rank (no interleaved pipeline): (pair, student arch)."""
+    if ctx.vpp_size > 1:
+        raise ValueError("virtual_pipeline > 1: this rank holds one pair per virtual stage; use build_pairs")
+    pairs, arch = build_pairs(ctx, student_ckpt, teacher_ckpt, **options)
+    return pairs[0], arch
 
 
 def distill(ctx: ParallelContext, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg: TrainConfig, run_dir,
@@ -46,25 +56,30 @@ def distill(ctx: ParallelContext, student_ckpt, teacher_ckpt, train_rows, valid_
     its LM loss at these rates, and is saved beside each student checkpoint (result["teacher_checkpoint"])."""
     loss_cfg = loss_cfg or KDLossConfig(kind="forward_kl")
     in_parallel = correct_teacher_lr is not None
-    pair, student_arch = build_pair(ctx, student_ckpt, teacher_ckpt, train_teacher=in_parallel, **pair_options)
-    pair.fused = loss_cfg.fused  # the last stage hands the loss hidden states instead of logits
-    if prepare_student is not None:
-        prepare_student(pair.student)
+    pairs, student_arch = build_pairs(ctx, student_ckpt, teacher_ckpt, train_teacher=in_parallel, **pair_options)
+    for pair in pairs:
+        pair.fused = loss_cfg.fused  # the last stage hands the loss hidden states instead of logits
+        if prepare_student is not None:
+            prepare_student(pair.student)
+    # one pair per rank, or the list of its chunks (interleaved pipeline): the Trainer takes either
+    model = pairs if len(pairs) > 1 else pairs[0]
+    students = [p.student for p in pairs] if len(pairs) > 1 else pairs[0].student
     tp_group = ctx.tp_group if ctx.tp_size > 1 else None
 
     def evaluate(_model):
-        return distillation_metrics(pair, ctx, valid_rows, eval_micro_batch_size, tp_group)
+        return distillation_metrics(model, ctx, valid_rows, eval_micro_batch_size, tp_group)
 
-    before = evaluate(pair)
+    before = evaluate(model)
     extra = {}
     loss_fn = kd_loss_fn(loss_cfg, tp_group)
     if in_parallel:
         teacher_arch, _ = read_index(teacher_ckpt)
         loss_fn = kd_with_correction_loss_fn(loss_cfg, tp_group)
-        extra = dict(lr_overrides={"*teacher.*": correct_teacher_lr}, companion=("teacher", pair.teacher, teacher_arch))
-    trainer = Trainer(ctx, pair, student_arch, loss_fn, train_rows, train_cfg, run_dir,
-                      name="distill", evaluate=evaluate, tokenizer_src=student_ckpt, checkpoint_module=pair.student,
-                      adjust_tensor_shapes_fn=pair.pair_tensor_shapes, **extra)
+        teachers = [p.teacher for p in pairs] if len(pairs) > 1 else pairs[0].teacher
+        extra = dict(lr_overrides={"*teacher.*": correct_teacher_lr}, companion=("teacher", teachers, teacher_arch))
+    trainer = Trainer(ctx, model, student_arch, loss_fn, train_rows, train_cfg, run_dir,
+                      name="distill", evaluate=evaluate, tokenizer_src=student_ckpt, checkpoint_module=students,
+                      adjust_tensor_shapes_fn=pairs[0].pair_tensor_shapes, **extra)
     result = trainer.fit()
     result["before"] = before
     result["checkpoint"] = str(ckpt_state.latest_checkpoint(trainer.ckpt_root))

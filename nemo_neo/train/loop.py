@@ -27,6 +27,7 @@ from nemo_neo import chaos
 from nemo_neo.checkpoint.native import load_into_model, read_index, save_distributed
 from nemo_neo.data.dataset import DistributedBatchSampler, collate
 from nemo_neo.errors import RunStateError
+from nemo_neo.parallel.chunks import as_chunks
 from nemo_neo.parallel.reduce import sum_from_last_stage
 from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.train import retention
@@ -73,6 +74,8 @@ class Trainer:
     companion: (label, module, arch) of a second model that trains too and is saved beside each
     checkpoint as `<label>_step_N` (e.g. the teacher corrected while the student distills), so a
     resume restores both. lr_overrides: see `build_optimizer`.
+    Under an interleaved pipeline `model` (and `checkpoint_module`) is this rank's list of model chunks
+    (`nemo_neo.parallel.chunks`): one DDP per chunk, one optimizer over all of them.
     """
 
     def __init__(self, ctx: ParallelContext, model, arch, loss_fn: Callable, train_data, cfg: TrainConfig,
@@ -87,8 +90,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.train_data, self.collate_fn = train_data, collate_fn
-        self.batch_inputs = tuple(getattr(model, "batch_inputs", ()))
-        model.config.calculate_per_token_loss = True  # mean over all tokens of the global batch
+        self.batch_inputs = tuple(getattr(as_chunks(model)[0], "batch_inputs", ()))
+        for chunk in as_chunks(model):
+            chunk.config.calculate_per_token_loss = True  # mean over all tokens of the global batch
         self.model = model
         self.saved_module = checkpoint_module or model  # e.g. the student of a DistillationPair
         self.ddp = wrap_ddp(model, use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
@@ -207,8 +211,9 @@ class Trainer:
             metrics: dict = dict(read_index(latest)[1].get("metadata", {}).get("metrics", {})) if start else {}
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
-                self.ddp.train()
-                self.ddp.zero_grad_buffer()
+                for chunk in as_chunks(self.ddp):
+                    chunk.train()
+                    chunk.zero_grad_buffer()
                 self.optimizer.zero_grad()
                 microbatches = self._microbatches(next(batches))
                 # input tokens of the global batch (this rank's micro-batches, times the DP ranks)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nemo_neo.errors import ConfigError
+from nemo_neo.parallel.chunks import as_chunks
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 
@@ -34,13 +35,17 @@ class OptimConfig:
 
 
 def build_optimizer(ddp_model, cfg: OptimConfig, total_steps: int, lr_overrides: dict | None = None):
-    """lr_overrides: {parameter-name glob: (max_lr, min_lr)} for parameter groups that follow the same
-    schedule shape at other rates (e.g. a teacher corrected while its student distills)."""
+    """One optimizer over `ddp_model`, a DDP-wrapped model or the list of this rank's DDP-wrapped model
+    chunks (interleaved pipeline; megatron's optimizer takes the chunks as a list and its gradient norm
+    and clipping cover all of them). lr_overrides: {parameter-name glob: (max_lr, min_lr)} for
+    parameter groups that follow the same schedule shape at other rates (e.g. a teacher corrected
+    while its student distills)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer.optimizer_config import ParamKey
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
-    module_config = ddp_model.config
+    model_chunks = as_chunks(ddp_model)
+    module_config = model_chunks[0].config
     opt_config = OptimizerConfig(
         optimizer="adam",  # megatron's "adam" is AdamW (decoupled weight decay)
         lr=cfg.lr,
@@ -58,7 +63,7 @@ def build_optimizer(ddp_model, cfg: OptimConfig, total_steps: int, lr_overrides:
     overrides = None
     if lr_overrides:
         overrides = {ParamKey(name=glob): ParamGroupOverride(max_lr=hi, min_lr=lo) for glob, (hi, lo) in lr_overrides.items()}
-    optimizer = get_megatron_optimizer(opt_config, [ddp_model], config_overrides=overrides)
+    optimizer = get_megatron_optimizer(opt_config, model_chunks, config_overrides=overrides)
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -81,7 +81,8 @@ def _own_shard(optimizer) -> dict:
 
 
 def layout(ctx: ParallelContext) -> dict:
-    return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size}
+    # vpp only when interleaved, so that checkpoints saved before it existed still match
+    return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size, **({"vpp": ctx.vpp_size} if ctx.vpp_size > 1 else {})}
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:

@@ -29,6 +29,8 @@ from nemo_neo.train.loop import TrainConfig
 from nemo_neo.train.optim import OptimConfig
 
 STAGES = ("correct", "prune", "cache_teacher", "distill", "evaluate", "export")
+# the stages that run under parallel.virtual_pipeline (model chunks); the others hold one model per rank
+VIRTUAL_PIPELINE_STAGES = ("distill",)
 OPTIONAL_STAGES = ("cache_teacher",)  # run only when `stages` names them
 CONF_DIR_ENV = "NEMO_NEO_CONF_DIR"
 CORRECTION_MODES = ("full", "lora")
@@ -225,6 +227,29 @@ def search_config(node) -> SearchConfig | None:
     return search if search.enabled else None
 
 
+def check_virtual_pipeline(parallel: ParallelConfig, distill: DistillSection, correct: CorrectSection, stages) -> None:
+    """parallel.virtual_pipeline: what the interleaved distill stage supports, one error naming the fix."""
+    v, pp = parallel.virtual_pipeline, parallel.pipeline_parallel
+    if v is None or v == 1 or "distill" not in stages:
+        return
+    off = "or set parallel.virtual_pipeline=null"
+    if v < 1 or pp < 2:
+        raise RecipeConfigError(f"parallel.virtual_pipeline={v} splits each pipeline rank's layers into chunks: it needs "
+                                f"pipeline_parallel >= 2 (got {pp}); raise pipeline_parallel {off}")
+    if not distill.method.trains_on_teacher or distill.teacher_cache or "cache_teacher" in stages or correct.in_parallel:
+        raise RecipeConfigError(f"parallel.virtual_pipeline={v} runs distill.method=kd or llm_neo with the teacher online "
+                                "(no teacher cache, correct.in_parallel=false); change those, " + off)
+    t = distill.train
+    world = int(os.environ.get("WORLD_SIZE", parallel.tensor_parallel * pp))
+    dp = max(world // (parallel.tensor_parallel * pp), 1)
+    micro = t.global_batch_size // max(t.micro_batch_size * dp, 1)
+    if micro < pp:
+        raise RecipeConfigError(f"distill.train: {micro} micro-batch(es) per step per data-parallel rank (global_batch_size="
+                                f"{t.global_batch_size} / micro_batch_size={t.micro_batch_size} / DP={dp}) but megatron's "
+                                f"interleaved schedule needs at least pipeline_parallel={pp}; raise global_batch_size "
+                                f"(or lower micro_batch_size), {off}")
+
+
 def build(cfg: DictConfig) -> RecipeConfig:
     """The typed recipe config, or one `RecipeConfigError` naming the key and the fix."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -274,6 +299,7 @@ def build(cfg: DictConfig) -> RecipeConfig:
         raise RecipeConfigError(f"parallel.sequence_parallel=true splits each sequence over tensor_parallel="
                                 f"{parallel.tensor_parallel} ranks: data.seq_length={data.seq_length} must be a multiple "
                                 "of it (change one, or set parallel.sequence_parallel=false)")
+    check_virtual_pipeline(parallel, distill, correct, stages)
     return RecipeConfig(
         run_dir=cfg.run_dir, resume=bool(cfg.resume), stages=stages,
         keep_training_state=bool(cfg.get("keep_training_state", False)), teacher_checkpoint=cfg.teacher.checkpoint,

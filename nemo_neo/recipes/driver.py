@@ -19,7 +19,7 @@ from nemo_neo import chaos
 from nemo_neo.checkpoint.convert import convert_hf_to_neo
 from nemo_neo.checkpoint.native import INDEX, is_neo_checkpoint, read_index
 from nemo_neo.export.hf import is_hf_dir
-from nemo_neo.parallel import ParallelContext, initialize
+from nemo_neo.parallel import ParallelContext, chunks, initialize
 from nemo_neo.recipes import arch_search, plan_check
 from nemo_neo.recipes import config as rc
 from nemo_neo.recipes.default_teacher import default_teacher_checkpoint
@@ -63,6 +63,7 @@ def run(cfg: DictConfig) -> dict:
         log.info("run_dir %s (%s): stages %s on %d rank(s), TP=%d PP=%d DP=%d", run_dir.root, state, list(cfg.stages),
                  ctx.world_size, ctx.tp_size, ctx.pp_size, ctx.dp_size)
     recipe = Recipe(recipe_cfg, ctx, run_dir, resolve_teacher(recipe_cfg, ctx, run_dir))
+    plan_check.check_virtual_pipeline(recipe_cfg, recipe.teacher)
     plan_check.check_layout_fits(recipe_cfg, cfg.get("plan"), ctx.world_size, recipe.teacher)  # refuse a layout that cannot fit
     search = recipe_cfg.prune.search
     if search is not None and "prune" in recipe_cfg.stages and run_dir.done("prune") is None:
@@ -84,7 +85,12 @@ def run(cfg: DictConfig) -> dict:
             continue
         start = time.perf_counter()
         chaos.set_stage(stage)
-        metrics = getattr(recipe, stage)()
+        if stage in rc.VIRTUAL_PIPELINE_STAGES:
+            metrics = getattr(recipe, stage)()
+        else:  # one model per rank: without the interleaved pipeline (parallel.virtual_pipeline)
+            with chunks.one_chunk_per_rank(ctx) as recipe.ctx:
+                metrics = getattr(recipe, stage)()
+            recipe.ctx = ctx
         metrics["seconds"] = round(time.perf_counter() - start, 1)
         dist.barrier()  # every rank is past the stage before it is marked finished
         chaos.point("before_metrics")

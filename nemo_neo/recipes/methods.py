@@ -25,7 +25,7 @@ import gc
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from nemo_neo.checkpoint.load import load_model
+from nemo_neo.checkpoint.load import load_chunks, load_model
 from nemo_neo.checkpoint.native import read_index, save_distributed
 from nemo_neo.distill.losses import KDLossConfig
 from nemo_neo.distill.model import DistillationPair, check_teacher_compatible
@@ -34,6 +34,7 @@ from nemo_neo.errors import ConfigError
 from nemo_neo.eval.lm_loss import validation_loss
 from nemo_neo.models.dtype import default_dtype
 from nemo_neo.models.gpt import recompute_overrides
+from nemo_neo.parallel import chunks
 from nemo_neo.parallel.state import ParallelContext
 from nemo_neo.peft.apply import LoRAConfig, apply_lora, merge_lora, save_adapters, trainable_report
 from nemo_neo.recipes.distill import distill, distill_from_cache
@@ -98,8 +99,8 @@ class MethodConfig:
 def _load_teacher_for_eval(ctx: ParallelContext, student_arch, student_ckpt, teacher_ckpt, dtype):
     teacher_arch, _ = read_index(teacher_ckpt)
     check_teacher_compatible(student_arch, teacher_arch, student_ckpt, teacher_ckpt)
-    teacher, _, _ = load_model(teacher_ckpt, ctx, dtype)
-    return teacher
+    teachers, _, _ = load_chunks(teacher_ckpt, ctx, dtype)  # one per virtual stage (one without VPP)
+    return teachers
 
 
 def validation_metrics(ctx: ParallelContext, student, student_arch, student_ckpt, valid_rows, micro_batch_size: int,
@@ -109,15 +110,19 @@ def validation_metrics(ctx: ParallelContext, student, student_arch, student_ckpt
     if len(valid_rows) == 0:
         return {}
     if teacher_ckpt is None:
+        if isinstance(student, list):
+            raise ValueError("the LM loss alone is measured on one model per rank; pass teacher_ckpt for model chunks")
         was_training = student.training
         metrics = validation_loss(student, ctx, valid_rows, micro_batch_size, desc="validation")
         student.train(was_training)
         return {"loss": metrics["loss"], "perplexity": metrics["perplexity"]}
-    teacher_dtype = teacher_dtype or student.config.params_dtype
-    pair = DistillationPair(student, _load_teacher_for_eval(ctx, student_arch, student_ckpt, teacher_ckpt, teacher_dtype))
+    students = chunks.as_chunks(student)  # one model, or this rank's chunks (interleaved pipeline)
+    teacher_dtype = teacher_dtype or students[0].config.params_dtype
+    teachers = _load_teacher_for_eval(ctx, student_arch, student_ckpt, teacher_ckpt, teacher_dtype)
+    pairs = [DistillationPair(s, t) for s, t in zip(students, teachers)]
     tp_group = ctx.tp_group if ctx.tp_size > 1 else None
-    metrics = distillation_metrics(pair, ctx, valid_rows, micro_batch_size, tp_group)
-    del pair
+    metrics = distillation_metrics(pairs if len(pairs) > 1 else pairs[0], ctx, valid_rows, micro_batch_size, tp_group)
+    del pairs, teachers
     gc.collect()
     return metrics
 
@@ -170,13 +175,13 @@ def train_student(ctx: ParallelContext, method: MethodConfig, student_ckpt, teac
         raise MethodConfigError(f"method {method.method!r} distils from a teacher: pass teacher_ckpt")
     run_dir = Path(run_dir)
     out_ckpt = Path(out_ckpt) if out_ckpt is not None else run_dir / "final"
-    prepared = {}
+    prepared = {"students": []}
 
-    def prepare(student):
+    def prepare(student):  # once per model chunk under an interleaved pipeline (adapters in every chunk)
         if method.uses_lora:
             apply_lora(student, method.lora, ctx)
-        prepared["student"] = student
-        prepared["trainable"] = trainable_report(student)
+        prepared["students"].append(student)
+        prepared["trainable"] = trainable_report(prepared["students"])
 
     if teacher_cache is not None:
         result = distill_from_cache(ctx, student_ckpt, teacher_cache, train_rows, valid_rows, train_cfg, run_dir,
@@ -188,7 +193,8 @@ def train_student(ctx: ParallelContext, method: MethodConfig, student_ckpt, teac
     else:
         result = _train_on_labels(ctx, method, student_ckpt, teacher_ckpt, train_rows, valid_rows, train_cfg, run_dir,
                                   eval_micro_batch_size, prepare, **pair_options)
-    student = prepared["student"]
+    students = prepared["students"]
+    student = students if len(students) > 1 else students[0]  # this rank's chunks, or its one model
     arch, _ = read_index(student_ckpt)
     if "after" not in result:
         result["after"] = _after_from_final(result["final"]) or validation_metrics(
@@ -197,7 +203,8 @@ def train_student(ctx: ParallelContext, method: MethodConfig, student_ckpt, teac
     if method.uses_lora:
         result["adapters"] = str(run_dir / ADAPTERS_FILE)
         save_adapters(run_dir / ADAPTERS_FILE, student, arch, ctx, method.lora)
-        merge_lora(student)
+        for chunk in students:
+            merge_lora(chunk)
     save_distributed(out_ckpt, arch, student, ctx, tokenizer_src=student_ckpt, overwrite=True,
                      metadata={"method": asdict(method), "steps": train_cfg.steps, "after": result["after"]})
     result.update(method=method.method, trainable=prepared["trainable"], checkpoint=str(out_ckpt))

@@ -30,6 +30,23 @@ def _student(cfg: rc.RecipeConfig, teacher):
     return pruned_arch(teacher, target) if target else teacher
 
 
+def check_virtual_pipeline(cfg: rc.RecipeConfig, teacher_ckpt) -> None:
+    """With parallel.virtual_pipeline=V the distill stage splits teacher and student into PP x V chunks
+    of layers: both depths must divide, checked from the config before any stage runs."""
+    par = cfg.parallel
+    if par.vpp == 1 or "distill" not in cfg.stages:
+        return
+    teacher = read_arch(cfg.distill.teacher or teacher_ckpt)
+    student = _student(cfg, teacher)
+    chunks = par.pipeline_parallel * par.vpp
+    bad = [f"{name} has {arch.num_layers} layers" for name, arch in (("the teacher", teacher), ("the student", student))
+           if arch.num_layers % chunks]
+    if bad:
+        raise rc.RecipeConfigError(f"parallel.pipeline_parallel={par.pipeline_parallel} x virtual_pipeline={par.vpp} "
+                                   f"splits each model into {chunks} chunks of layers, but {' and '.join(bad)}; choose "
+                                   "a virtual_pipeline (or pipeline_parallel) whose product divides both, or null")
+
+
 def check_layout_fits(cfg: rc.RecipeConfig, plan_node, world_size: int, teacher_ckpt) -> dict | None:
     """None when there is nothing to check; else the plan of the configured layout, or a
     RecipeConfigError naming the cheapest layout that fits. plan_node: the config's `plan:` section."""
@@ -45,7 +62,7 @@ def check_layout_fits(cfg: rc.RecipeConfig, plan_node, world_size: int, teacher_
     student = _student(cfg, teacher)
     par, train = cfg.parallel, cfg.distill.train
     tp, pp = par.tensor_parallel, par.pipeline_parallel
-    layout = Layout(tp=tp, pp=pp, vpp=getattr(par, "virtual_pipeline", None) or 1, dp=world_size // (tp * pp),
+    layout = Layout(tp=tp, pp=pp, vpp=par.vpp, dp=world_size // (tp * pp),
                     sequence_parallel=par.uses_sequence_parallel,
                     distributed_optimizer=train.optim.use_distributed_optimizer,
                     recompute=getattr(par, "recompute", None) or "none")

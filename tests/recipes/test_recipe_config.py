@@ -75,6 +75,36 @@ def test_activation_recompute_is_read_from_the_parallel_section_and_checked():
         rc.build(compose("parallel.recompute=selective", "parallel.recompute_modules=[moe]"))
 
 
+def test_virtual_pipeline_is_read_and_its_requirements_name_the_fix(monkeypatch):
+    assert rc.build(compose()).parallel.vpp == 1  # conf/: null
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    vpp = ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2", "stages=[distill]"]
+    cfg = rc.build(compose(*vpp, "distill.train.global_batch_size=8", "distill.train.micro_batch_size=2"))
+    assert (cfg.parallel.pipeline_parallel, cfg.parallel.vpp) == (2, 2)
+    with pytest.raises(rc.RecipeConfigError, match=r"needs pipeline_parallel >= 2 \(got 1\); raise pipeline_parallel or set "
+                                                   r"parallel.virtual_pipeline=null"):
+        rc.build(compose("parallel.virtual_pipeline=2", "stages=[distill]"))
+    with pytest.raises(rc.RecipeConfigError, match=r"1 micro-batch\(es\) per step .* needs at least pipeline_parallel=2; "
+                                                   r"raise global_batch_size"):
+        rc.build(compose(*vpp, "distill.train.global_batch_size=4", "distill.train.micro_batch_size=4"))
+    with pytest.raises(rc.RecipeConfigError, match="kd or llm_neo with the teacher online"):
+        rc.build(compose(*vpp, "distill.method=sft"))
+    with pytest.raises(rc.RecipeConfigError, match="kd or llm_neo with the teacher online"):
+        rc.build(compose(*vpp, "distill.teacher_cache=/some/cache"))
+
+
+def test_virtual_pipeline_layer_split_is_checked_for_teacher_and_student(tiny_pair):
+    from nemo_neo.recipes import plan_check
+
+    # the tiny teacher has 2 layers: PP=2 x VPP=2 is 4 chunks
+    cfg = rc.build(compose("parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2", "stages=[distill]",
+                           f"distill.student={tiny_pair / 'student'}"))
+    with pytest.raises(rc.RecipeConfigError, match=r"into 4 chunks of layers, but the teacher has 2 layers and the "
+                                                   r"student has 2 layers; choose a virtual_pipeline"):
+        plan_check.check_virtual_pipeline(cfg, tiny_pair / "teacher")
+    plan_check.check_virtual_pipeline(rc.build(compose("stages=[distill]")), tiny_pair / "teacher")  # no VPP: nothing
+
+
 def test_top_k_from_the_recipe_trains_with_the_top_k_loss(tiny_pair, parallel_ctx, tmp_path):
     """One KD step from the recipe's config with distill.loss.top_k=4: the loss the trainer logs is the
     top-k forward KL computed directly on the same rows (and differs from the full-vocabulary KL)."""

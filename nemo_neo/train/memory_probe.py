@@ -28,6 +28,8 @@ class LiveTensorBytes(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self.at_entry = 0
+        self.peak_op = None  # the op whose outputs set the peak: where in the step it fell
+        self._op = None
         self._live: dict[int, int] = {}
 
     def _track(self, tensor: torch.Tensor) -> None:
@@ -40,7 +42,8 @@ class LiveTensorBytes(TorchDispatchMode):
         size = storage.nbytes()
         self._live[key] = size
         self.current += size
-        self.peak = max(self.peak, self.current)
+        if self.current > self.peak:
+            self.peak, self.peak_op = self.current, self._op
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
@@ -59,6 +62,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._op = str(func)
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
                 self._track(item)

@@ -88,11 +88,28 @@ class _NemoDistillationPair(DistillationPair):
         # labels are not passed on: megatron's GPT would return its own CE loss instead of logits.
         return super().forward(input_ids)
 
+    def __init__(self, student, teacher):
+        super().__init__(student, teacher)
+        # NeMo's resume loads the checkpoint (the student alone, see state_dict) through the Lightning
+        # module's load_state_dict: route its keys to the student and leave the teacher, which
+        # configure_model filled from its own checkpoint, out of the strict check.
+        self._register_load_state_dict_pre_hook(_keys_to_student)
+        self.register_load_state_dict_post_hook(_teacher_not_missing)
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         return self.student.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
 
     def state_dict(self, *args, **kwargs):
         return self.student.state_dict(*args, **kwargs)
+
+
+def _keys_to_student(state_dict, prefix, *_args):
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith((prefix + "student.", prefix + "teacher."))]:
+        state_dict[prefix + "student." + key[len(prefix):]] = state_dict.pop(key)
+
+
+def _teacher_not_missing(_module, incompatible):
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if ".teacher." not in "." + k]
 
 
 class _NeoDistillationMixin:

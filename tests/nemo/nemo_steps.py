@@ -71,10 +71,20 @@ def data_module(rows: int, mbs: int, gbs: int):
     samples = [{"tokens": tokens[i], "labels": labels[i], "loss_mask": loss_mask[i], "position_ids": torch.arange(SEQ),
                 "attention_mask": causal} for i in range(rows)]
 
+    from nemo.collections.llm.gpt.data.pre_training import PreTrainingDataModule
+
     class Rows(pl.LightningDataModule):
+        # The data position in NeMo's checkpoints, as NeMo's own data modules keep it (resume).
+        state_dict, load_state_dict = PreTrainingDataModule.state_dict, PreTrainingDataModule.load_state_dict
+
+        def setup(self, stage: str = "") -> None:
+            self.init_global_step = self.trainer.global_step
+
         def __init__(self):
             super().__init__()
             self.data_sampler = nl.MegatronDataSampler(seq_len=SEQ, micro_batch_size=mbs, global_batch_size=gbs)
+            # what llm.train's callbacks read from a NeMo data module
+            self.seq_length, self.micro_batch_size, self.global_batch_size = SEQ, mbs, gbs
 
         def train_dataloader(self):
             return DataLoader(samples, batch_size=mbs)
@@ -89,6 +99,7 @@ def nemo_step(nemo_ckpts, neo_ckpts, kd, lora, root, tp: int = 1, pp: int = 1, m
     model). `save_student` writes what the step produced."""
     from nemo import lightning as nl
 
+    fresh_batch_sizes()
     model = build_model(nemo_ckpts, neo_ckpts, kd, lora)
     strategy = nl.MegatronStrategy(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
                                    ckpt_save_optimizer=False)
@@ -97,6 +108,14 @@ def nemo_step(nemo_ckpts, neo_ckpts, kd, lora, root, tp: int = 1, pp: int = 1, m
                          enable_progress_bar=False, default_root_dir=str(root))
     trainer.fit(model, data_module(gbs, mbs, gbs))
     return float(trainer.callback_metrics["reduced_train_loss"]), model
+
+
+def fresh_batch_sizes() -> None:
+    """NeMo sets megatron's process-wide micro-batch calculator once and asserts later runs agree;
+    tests in one process use several batch sizes."""
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+    destroy_num_microbatches_calculator()
 
 
 def student_pair(model):

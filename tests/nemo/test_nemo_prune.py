@@ -52,8 +52,8 @@ def _tiny_tokenizer(out, text: str) -> None:
 
 
 def test_width_pruning_nemo_to_nemo_cli_matches_transformers(neo_ckpts, tmp_path, capsys):
-    """Heads, MLP and hidden pruned by activation importance on real text; NeMo loads the result and
-    its logits equal transformers' on the HF export of the same checkpoint."""
+    """Heads, MLP and hidden pruned by activation importance on real text, to a shape that fits TP=2;
+    NeMo loads the result and its logits equal transformers' on the HF export of the same checkpoint."""
     import os
     import shutil
     from pathlib import Path
@@ -73,7 +73,7 @@ def test_width_pruning_nemo_to_nemo_cli_matches_transformers(neo_ckpts, tmp_path
 
     target = "hidden_size=48,ffn_hidden_size=64,num_attention_heads=4"
     assert main(["prune", str(source), str(tmp_path / "pruned"), "--target", target, "--calib-data",
-                 str(tmp_path / "calib.txt"), "--num-samples", "8", "--seq-length", "32"]) == 0
+                 str(tmp_path / "calib.txt"), "--num-samples", "8", "--seq-length", "32", "--tp", "2"]) == 0
     assert '"importance"' in capsys.readouterr().out
     cfg = nn_nemo.convert.load_nemo_model_context(tmp_path / "pruned").config
     assert (cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.num_query_groups, cfg.num_layers) == (48, 64, 4, 2, 4)
@@ -88,3 +88,13 @@ def test_width_pruning_nemo_to_nemo_cli_matches_transformers(neo_ckpts, tmp_path
         expected = hf(tokens).logits
     assert got.shape == expected.shape == (2, 24, 130)
     assert (got - expected).abs().max() <= 1e-4
+
+
+def test_prune_refuses_a_target_that_does_not_fit_the_parallel_layout(nemo_ckpts, tmp_path, capsys):
+    from nemo_neo.nemo.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["prune", str(nemo_ckpts[TEACHER]), str(tmp_path / "pruned"), "--target", "num_layers=1", "--drop", "1,2,3",
+              "--pp", "2"])
+    assert "num_layers=1 < pipeline_parallel=2" in capsys.readouterr().err
+    assert not (tmp_path / "pruned").exists()

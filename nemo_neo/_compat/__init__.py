@@ -10,7 +10,8 @@ patches around it, and they all live here, each switched on explicitly:
   accelerators (apex, Transformer Engine), which are optional here, and fixes what megatron-core
   gets wrong on any device without Transformer Engine (`mcore`).
 * `enable_nemo()` — `enable()` plus what NeMo 2.7.3 needs on megatron-core 0.16 (`nemo_mcore`) and
-  on a CPU-only torch (`nemo_cpu`). It must run before NeMo's first import; `nemo_neo.nemo` refuses
+  on a CPU-only torch (`nemo_cpu`), and lets NeMo's pipeline schedule carry nemo_neo's distillation
+  pair (`nemo_pipeline`). It must run before NeMo's first import; `nemo_neo.nemo` refuses
   to import without it.
 
 A library user calls ``nemo_neo.enable_compat()`` (or ``nemo_neo._compat.enable()``) once before
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 
-from nemo_neo._compat import cpu, mcore, nemo_cpu, nemo_mcore
+from nemo_neo._compat import cpu, mcore, nemo_cpu, nemo_mcore, nemo_pipeline
 
 _state = {"base": False, "nemo": False}
 
@@ -50,6 +51,7 @@ def enable_nemo() -> bool:
         nemo_mcore.install_tensorstore_stub()  # before NeMo's first import (see nemo_mcore)
         nemo_mcore.patch_optimizer_factory()
         nemo_cpu.activate_if_needed()
+        nemo_pipeline.route_pair_tensor_shapes()  # PP distillation with nemo_neo's pair
         _state["nemo"] = True
     return on_cpu
 

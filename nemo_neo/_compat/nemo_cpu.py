@@ -94,8 +94,15 @@ def activate_if_needed() -> bool:
         proxy = _nemo_cpu_torch()
         for name in _CPU_MODULES:
             importlib.import_module(name).torch = proxy
+        # NeMo's checkpoint loader (resume) asserts CUDA is initialized, then moves CUDA tensors that
+        # sit on another GPU to the current one; on a CPU there are none, so nothing is to be moved.
+        importlib.import_module("nemo.lightning.io.pl")._fix_tensors_device = _no_cuda_tensors_to_move
         _active = True
     return True
+
+
+def _no_cuda_tensors_to_move(checkpoint):
+    return checkpoint
 
 
 class _CpuBatches:

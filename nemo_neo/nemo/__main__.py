@@ -3,7 +3,7 @@
     python -m nemo_neo.nemo to-nemo  NEO_CKPT  NEMO_OUT        # nemo_neo -> NeMo 2
     python -m nemo_neo.nemo to-neo   NEMO_CKPT NEO_OUT         # NeMo 2 -> nemo_neo
     python -m nemo_neo.nemo prune    NEMO_CKPT NEMO_OUT --target hidden_size=1024,num_layers=12 \\
-        --calib-data text.txt [--num-samples 1024 --seq-length 256] [--drop 3,7]
+        --calib-data text.txt [--num-samples 1024 --seq-length 256] [--drop 3,7] [--tp 2 --pp 1]
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=1024)
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--drop", default=None, help="layers to drop instead of searching, e.g. 3,7")
+    # The output checkpoint is TP/PP-independent; these only refuse a target that cannot be sharded so.
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism the pruned model must fit")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallelism the pruned model must fit")
     p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
@@ -55,7 +58,7 @@ def _run(integration, args) -> dict:
         drop = [int(x) for x in args.drop.split(",")] if args.drop else None
         result = integration.prune_nemo_checkpoint(
             args.source, args.out, parse_target(args.target), overwrite=args.overwrite, drop=drop,
-            calib_data=args.calib_data, num_samples=args.num_samples, seq_length=args.seq_length)
+            calib_data=args.calib_data, num_samples=args.num_samples, seq_length=args.seq_length, tp=args.tp, pp=args.pp)
     return result
 
 

@@ -132,8 +132,12 @@ def nemo_to_neo(nemo_ckpt, out, overwrite: bool = False) -> dict:
 
 
 def _tokenizer_dir(ckpt: Path, model) -> Path | None:
-    """The HF tokenizer files NeMo keeps in context/nemo_tokenizer (AutoTokenizer), if any."""
-    for candidate in (ckpt / "context" / "nemo_tokenizer", getattr(getattr(model, "tokenizer", None), "model_path", None)):
+    """The HF tokenizer files NeMo keeps in context/ (AutoTokenizer), if any: in nemo_tokenizer/, or
+    in the artifact directory the loaded HF tokenizer was read from (NeMo copies a tokenizer that came
+    from a local directory, e.g. through `neo_to_nemo`, to context/<its name>)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    loaded_from = getattr(getattr(tokenizer, "tokenizer", None), "name_or_path", None)
+    for candidate in (ckpt / "context" / "nemo_tokenizer", loaded_from, getattr(tokenizer, "model_path", None)):
         if candidate and has_tokenizer(candidate):
             return Path(candidate)
     return None

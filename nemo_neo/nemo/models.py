@@ -11,8 +11,13 @@ wrap the student's linear layers and only they train (LLM-Neo: ``KDLossConfig(ki
 
 Checkpoints written by NeMo's trainer hold the student alone, with adapters folded in, so they load
 as a plain ``llm.LlamaModel`` (the teacher is never saved) -- the behaviour of NeMo's own
-``DistillationGPTModel``. Pipeline parallelism is not supported here (NeMo's schedule would have to
-carry the teacher's activations between stages); tensor parallelism is.
+``DistillationGPTModel``.
+
+Tensor and pipeline parallelism come from NeMo's ``MegatronStrategy``. Under pipeline parallelism the
+teacher is split over the same stages as the student, and NeMo's schedule carries both hidden states
+between stages in one tensor, as nemo_neo's own trainer does (`DistillationPair`; NeMo widens the p2p
+shapes through `nemo_neo._compat.nemo_pipeline`, the way it does for ModelOpt's distillation model);
+the loss runs on the last stage. Virtual (interleaved) pipeline stages are refused.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from nemo_neo.errors import ConfigError
 from nemo_neo.models.arch import UnsupportedConfigError
 from nemo_neo.models.gpt import layer_spec
 from nemo_neo.nemo.convert import load_nemo_weights_into
-from nemo_neo.parallel import initialize
+from nemo_neo.parallel import ParallelConfig, initialize
 from nemo_neo.peft.apply import LoRAConfig, adapters_of, apply_lora
 from nemo_neo.peft.lora import LoRALinear
 
@@ -83,11 +88,28 @@ class _NemoDistillationPair(DistillationPair):
         # labels are not passed on: megatron's GPT would return its own CE loss instead of logits.
         return super().forward(input_ids)
 
+    def __init__(self, student, teacher):
+        super().__init__(student, teacher)
+        # NeMo's resume loads the checkpoint (the student alone, see state_dict) through the Lightning
+        # module's load_state_dict: route its keys to the student and leave the teacher, which
+        # configure_model filled from its own checkpoint, out of the strict check.
+        self._register_load_state_dict_pre_hook(_keys_to_student)
+        self.register_load_state_dict_post_hook(_teacher_not_missing)
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         return self.student.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
 
     def state_dict(self, *args, **kwargs):
         return self.student.state_dict(*args, **kwargs)
+
+
+def _keys_to_student(state_dict, prefix, *_args):
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith((prefix + "student.", prefix + "teacher."))]:
+        state_dict[prefix + "student." + key[len(prefix):]] = state_dict.pop(key)
+
+
+def _teacher_not_missing(_module, incompatible):
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if ".teacher." not in "." + k]
 
 
 class _NeoDistillationMixin:
@@ -103,13 +125,14 @@ class _NeoDistillationMixin:
         self.student_ckpt_path = None if student_ckpt_path is None else str(student_ckpt_path)
         self.kd_loss = kd_loss or KDLossConfig(kind="forward_kl")  # Minitron's logit-only forward KL
         self.lora = lora
-        if config.pipeline_model_parallel_size > 1:
-            raise ConfigError("NeoDistillation*Model supports tensor parallelism only (pipeline_model_parallel_size=1); "
-                             "use nemo_neo's own trainer (nemo_neo.distill) for pipeline-parallel distillation.")
 
     def configure_model(self, vp_stage=None) -> None:
         if hasattr(self, "module"):
             return
+        if getattr(self.config, "virtual_pipeline_model_parallel_size", None):  # set by MegatronStrategy
+            # NeMo's schedule widens the p2p shapes of non-interleaved pipelines only (as for ModelOpt's model).
+            raise ConfigError("NeoDistillation*Model does not support virtual pipeline stages: leave "
+                              "virtual_pipeline_model_parallel_size at None (plain pipeline parallelism works).")
         for attr in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                      "sequence_parallel", "pipeline_dtype"):
             setattr(self.teacher_config, attr, getattr(self.config, attr))
@@ -122,7 +145,10 @@ class _NeoDistillationMixin:
         if self.student_ckpt_path is not None:
             load_nemo_weights_into(student, self.student_ckpt_path)
         if self.lora is not None:
-            apply_lora(student, self.lora, initialize())  # the context of the groups NeMo created
+            # The context of the groups NeMo created: initialize() with other sizes would rebuild them.
+            groups = ParallelConfig(tensor_parallel=self.config.tensor_model_parallel_size,
+                                    pipeline_parallel=self.config.pipeline_model_parallel_size)
+            apply_lora(student, self.lora, initialize(groups))
             for adapter in adapters_of(student).values():
                 adapter.__class__ = MergedCheckpointLoRA
         # Per-token mean over the global batch, as in nemo_neo's trainer (and NeMo's LM loss).

@@ -38,3 +38,13 @@ def nemo_ckpts(neo_ckpts, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("nemo")
     return {name: nn_nemo.neo_to_nemo(path, root / name) for name, path in neo_ckpts.items()}
+
+
+@pytest.fixture(scope="session")
+def torchrun(pytestconfig):
+    """tests/conftest.py's torchrun launcher (gloo, one thread per rank); ``from conftest import`` here
+    would find this file, which shadows it."""
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1] / "conftest.py")
+    return next(p for p in pytestconfig.pluginmanager.get_plugins() if getattr(p, "__file__", None) == root).torchrun

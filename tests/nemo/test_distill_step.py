@@ -8,62 +8,22 @@ same Adam settings; the student's weights (or LoRA adapters) after the step and 
 
 from __future__ import annotations
 
+import nemo_steps
 import pytest
 import torch
+from nemo_steps import CLIP, LR, STUDENT, TEACHER, WD
 
-TEACHER, STUDENT = "llama3_gqa_untied", "student_of_llama3"  # the models of conftest.neo_ckpts
-VOCAB, MBS, SEQ = 130, 2, 16
-LR, WD, CLIP = 1e-2, 0.01, 1.0
+MBS = 2
 
 
 def _batch():
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randint(0, VOCAB, (MBS, SEQ + 1), generator=g)
-    loss_mask = torch.ones(MBS, SEQ)
-    loss_mask[1, :5] = 0  # a prompt that does not count
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), loss_mask
+    return nemo_steps.batch(MBS)
 
 
 def _nemo_step(nemo_ckpts, neo_ckpts, kd, lora, tmp_path):
-    import lightning.pytorch as pl
-    from megatron.core.optimizer import OptimizerConfig
-    from nemo import lightning as nl
-    from torch.utils.data import DataLoader
-
-    import nemo_neo.nemo as nn_nemo
-    from nemo_neo.checkpoint.native import read_index
-    from nemo_neo.nemo.config import cpu_overrides
-    from nemo_neo.nemo.models import _NemoDistillationPair, neo_layer_spec
-
-    tokens, labels, loss_mask = _batch()
-    causal = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1)[None]
-    samples = [{"tokens": tokens[i], "labels": labels[i], "loss_mask": loss_mask[i], "position_ids": torch.arange(SEQ),
-                "attention_mask": causal} for i in range(MBS)]
-
-    class OneBatch(pl.LightningDataModule):
-        def __init__(self):
-            super().__init__()
-            self.data_sampler = nl.MegatronDataSampler(seq_len=SEQ, micro_batch_size=MBS, global_batch_size=MBS)
-
-        def train_dataloader(self):
-            return DataLoader(samples, batch_size=MBS)
-
-    def config(name):
-        arch, _ = read_index(neo_ckpts[name])
-        return nn_nemo.nemo_config_from_arch(arch, transformer_layer_spec=neo_layer_spec, **cpu_overrides())
-
-    optim = nl.MegatronOptimizerModule(OptimizerConfig(
-        optimizer="adam", lr=LR, weight_decay=WD, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=CLIP,
-        use_distributed_optimizer=False, bf16=False, params_dtype=torch.float32))
-    model = nn_nemo.NeoDistillationLlamaModel(config(STUDENT), config(TEACHER), nemo_ckpts[TEACHER], kd_loss=kd,
-                                              lora=lora, student_ckpt_path=nemo_ckpts[STUDENT], optim=optim)
-    trainer = nl.Trainer(devices=1, accelerator="cpu", strategy=nl.MegatronStrategy(ckpt_save_optimizer=False),
-                         max_steps=1, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, enable_progress_bar=False, default_root_dir=str(tmp_path))
-    trainer.fit(model, OneBatch())
-    pair = next(m for m in model.modules() if isinstance(m, _NemoDistillationPair))
-    params = {n: p.detach().clone() for n, p in pair.student.named_parameters()}
-    return params, float(trainer.callback_metrics["reduced_train_loss"]), pair
+    loss, model = nemo_steps.nemo_step(nemo_ckpts, neo_ckpts, kd, lora, tmp_path, mbs=MBS, gbs=MBS)
+    pair = nemo_steps.student_pair(model)
+    return {n: p.detach().clone() for n, p in pair.student.named_parameters()}, loss, pair
 
 
 def _neo_step(neo_ckpts, kd, lora, ctx):
@@ -90,13 +50,7 @@ def _neo_step(neo_ckpts, kd, lora, ctx):
 
 @pytest.mark.parametrize("recipe", ["minitron_forward_kl", "llm_neo_lora"])
 def test_one_step_through_nemo_equals_nemo_neo(recipe, neo_ckpts, nemo_ckpts, parallel_ctx, tmp_path):
-    from nemo_neo.distill.losses import KDLossConfig
-    from nemo_neo.peft.apply import LoRAConfig
-
-    if recipe == "minitron_forward_kl":
-        kd, lora = KDLossConfig(kind="forward_kl", temperature=1.0, chunk_tokens=7), None
-    else:  # LLM-Neo: adapters on the student only, alpha * CE + (1 - alpha) * KL
-        kd, lora = KDLossConfig(kind="ce_kl", alpha=0.3, temperature=2.0, chunk_tokens=7), LoRAConfig(rank=4, alpha=8.0, seed=3)
+    kd, lora = nemo_steps.recipe(recipe)
     nemo_params, nemo_loss, nemo_pair = _nemo_step(nemo_ckpts, neo_ckpts, kd, lora, tmp_path)
     neo_params, neo_loss = _neo_step(neo_ckpts, kd, lora, parallel_ctx)
 

@@ -35,3 +35,66 @@ def test_prune_refuses_existing_output(nemo_ckpts, tmp_path):
 
     with pytest.raises(OutputExistsError, match="already exists"):
         nn_nemo.prune_nemo_checkpoint(nemo_ckpts[TEACHER], tmp_path / "taken", {"num_layers": 2}, drop=[1, 2])
+
+
+def _tiny_tokenizer(out, text: str) -> None:
+    """A 128-token BPE (fits the tiny models' 130-row embedding), so calibration text can be tokenized."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>",
+                                                           "bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def test_width_pruning_nemo_to_nemo_cli_matches_transformers(neo_ckpts, tmp_path, capsys):
+    """Heads, MLP and hidden pruned by activation importance on real text, to a shape that fits TP=2;
+    NeMo loads the result and its logits equal transformers' on the HF export of the same checkpoint."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from nemo_neo.checkpoint.convert import convert_neo_to_hf
+    from nemo_neo.nemo.__main__ import main
+    from nemo_neo.nemo.models import neo_layer_spec
+
+    shared = Path(os.environ.get("NEMO_NEO_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+    text = (shared / "tinyshakespeare.txt").read_text()[:40000]
+    (tmp_path / "calib.txt").write_text(text)
+    shutil.copytree(neo_ckpts[TEACHER], tmp_path / "neo")
+    _tiny_tokenizer(tmp_path / "neo", text)
+    source = nn_nemo.neo_to_nemo(tmp_path / "neo", tmp_path / "nemo")
+
+    target = "hidden_size=48,ffn_hidden_size=64,num_attention_heads=4"
+    assert main(["prune", str(source), str(tmp_path / "pruned"), "--target", target, "--calib-data",
+                 str(tmp_path / "calib.txt"), "--num-samples", "8", "--seq-length", "32", "--tp", "2"]) == 0
+    assert '"importance"' in capsys.readouterr().out
+    cfg = nn_nemo.convert.load_nemo_model_context(tmp_path / "pruned").config
+    assert (cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.num_query_groups, cfg.num_layers) == (48, 64, 4, 2, 4)
+
+    nemo_module = nn_nemo.convert.load_nemo_module(tmp_path / "pruned", neo_layer_spec)  # NeMo's config + loader
+    assert main(["to-neo", str(tmp_path / "pruned"), str(tmp_path / "pruned_neo")]) == 0
+    convert_neo_to_hf(tmp_path / "pruned_neo", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = nemo_module(tokens, position_ids=None, attention_mask=None)
+        expected = hf(tokens).logits
+    assert got.shape == expected.shape == (2, 24, 130)
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_prune_refuses_a_target_that_does_not_fit_the_parallel_layout(nemo_ckpts, tmp_path, capsys):
+    from nemo_neo.nemo.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["prune", str(nemo_ckpts[TEACHER]), str(tmp_path / "pruned"), "--target", "num_layers=1", "--drop", "1,2,3",
+              "--pp", "2"])
+    assert "num_layers=1 < pipeline_parallel=2" in capsys.readouterr().err
+    assert not (tmp_path / "pruned").exists()

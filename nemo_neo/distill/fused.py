@@ -164,7 +164,7 @@ class _FusedDistillationLoss(torch.autograd.Function):
             # d W accumulates in fp32 (fp64 stays fp64) and is rounded once at the end
             grad_weight = main_grad if main_grad is not None else torch.zeros(
                 s_weight.shape, dtype=torch.promote_types(s_weight.dtype, torch.float32), device=s_2d.device)
-        total = _head_pass(inputs, config, tp_group, chunk, grad_hidden, grad_weight)
+        total = _head_pass(inputs, config, tp_group, chunk, grad_hidden=grad_hidden, grad_weight=grad_weight)
         if want_hidden:  # hidden is replicated over TP; each rank holds its vocab shard's part
             vp.all_reduce_(grad_hidden, tp_group)
         if main_grad is not None:

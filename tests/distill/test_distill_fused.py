@@ -323,9 +323,11 @@ def test_pp2_last_stage_fused_equals_unfused(ckpts):
 
 
 @pytest.mark.parametrize("correction", [False, True], ids=["kd", "kd_with_teacher_correction"])
-def test_training_steps_fused_equal_unfused(ckpts, parallel_ctx, tmp_path, correction):
+def test_training_steps_fused_equal_unfused(ckpts, parallel_ctx, tmp_path, correction, monkeypatch):
     """Two Trainer steps (AdamW, clipping) of KD with the tied student, ce_kl: same losses and the
-    same updated weights; with teacher correction in parallel the teacher's updates agree too."""
+    same updated weights; with teacher correction in parallel the teacher's updates agree too.
+    Under the Trainer (megatron DDP), d W goes into main_grad in forward and is never recomputed."""
+    from nemo_neo.distill import fused as fused_module
     from nemo_neo.distill.objective import kd_with_correction_loss_fn
     from nemo_neo.recipes.distill import build_pair
     from nemo_neo.train.loop import TrainConfig, Trainer
@@ -334,6 +336,8 @@ def test_training_steps_fused_equal_unfused(ckpts, parallel_ctx, tmp_path, corre
     rows = torch.randint(0, 130, (4, 13), generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(steps=2, global_batch_size=4, micro_batch_size=2, save_every=100, eval_every=100,
                       optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0))
+    passes, head_pass = [], fused_module._head_pass
+    monkeypatch.setattr(fused_module, "_head_pass", lambda *a, **kw: passes.append(kw) or head_pass(*a, **kw))
     runs = {}
     for fused in (False, True):
         pair, arch = build_pair(parallel_ctx, ckpts / "tied", ckpts / "teacher", train_teacher=correction)
@@ -347,6 +351,9 @@ def test_training_steps_fused_equal_unfused(ckpts, parallel_ctx, tmp_path, corre
         history = trainer.fit()["history"]
         runs[fused] = history, {n: p.detach().clone() - before[n] for n, p in pair.named_parameters()}
     (off_hist, off_delta), (on_hist, on_delta) = runs[False], runs[True]
+    buffers = {p.main_grad.data_ptr() for p in pair.parameters() if hasattr(p, "main_grad")}  # the fused run's
+    assert passes and all("weight_scale" not in kw for kw in passes)  # no backward recompute
+    assert all(kw["grad_weight"].data_ptr() in buffers for kw in passes)  # d W went into DDP's main_grad
     for off, on in zip(off_hist, on_hist):
         assert on["loss"] == pytest.approx(off["loss"], rel=REL_TOL)
         if correction:

@@ -100,6 +100,90 @@ def test_bf16_fused_is_as_accurate_as_unfused(case):
         assert rel_err(a, t) <= rel_err(b, t) * 1.25 + 2e-3, (name, rel_err(a, t), rel_err(b, t))
 
 
+def megatron_weight(tensor, before):
+    """A weight as megatron DDP hands it over: fp32 (fp64) `main_grad` holding `before`, and the flag."""
+    weight = tensor.clone().requires_grad_(True)
+    weight.main_grad = before.to(torch.promote_types(tensor.dtype, torch.float32)).clone()
+    weight.grad_added_to_main_grad = False
+    return weight
+
+
+@pytest.mark.parametrize("scale", ["sum", "mean"], ids=["grad_output_1", "grad_output_1_over_n"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("case", ["forward_kl", "ce_kl_t2", "jsd"])
+def test_weight_gradient_into_megatron_main_grad(case, tied, scale):
+    """With megatron's main_grad, d W goes into it during forward (grad_output 1, the schedule's) and
+    no weight-sized gradient is returned; any other grad_output is corrected exactly in backward.
+    A tied weight's other use (the embedding) still arrives through .grad, for DDP's hook to add."""
+    inputs = make_head_inputs(seed=2)
+    config = KDLossConfig(**CASES[case], chunk_tokens=7)
+    hidden_ref = inputs["student_hidden"].clone().requires_grad_(True)
+    weight_ref = inputs["student_weight"].clone().requires_grad_(True)
+    teacher = HeadInputs(inputs["teacher_hidden"], inputs["teacher_weight"])
+    before = torch.randn(inputs["student_weight"].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    hidden = inputs["student_hidden"].clone().requires_grad_(True)
+    weight = megatron_weight(inputs["student_weight"], before)
+    losses = []
+    for h, w in ((hidden_ref, weight_ref), (hidden, weight)):
+        out = fused_distillation_loss(HeadInputs(h, w), teacher, config, labels=inputs["labels"], loss_mask=inputs["loss_mask"])
+        loss = out.loss_sum if scale == "sum" else out.loss_sum / out.num_tokens
+        losses.append(loss + (_embedding_term(w) if tied else 0.0))
+    assert rel_err(weight.main_grad - before, torch.zeros_like(before)) > 0.1  # d W arrived in forward
+    for loss in losses:
+        loss.backward()
+    assert (weight.grad is not None) == tied  # only the embedding term's gradient goes through .grad
+    got = weight.main_grad - before + (weight.grad if tied else 0.0)
+    assert rel_err(got, weight_ref.grad) <= REL_TOL, rel_err(got, weight_ref.grad)
+    assert rel_err(hidden.grad, hidden_ref.grad) <= REL_TOL
+
+
+def test_bf16_main_grad_is_the_fp32_accumulation():
+    """bf16 weight, fp32 main_grad: main_grad gets the fp32 sum that the plain path rounds to bf16 once."""
+    inputs = make_head_inputs(dtype=torch.bfloat16)
+    config = KDLossConfig(**CASES["ce_kl_t2"], chunk_tokens=7)
+    teacher = HeadInputs(inputs["teacher_hidden"], inputs["teacher_weight"])
+    plain = inputs["student_weight"].clone().requires_grad_(True)
+    weight = megatron_weight(inputs["student_weight"], torch.zeros(plain.shape))
+    for w in (plain, weight):
+        out = fused_distillation_loss(HeadInputs(inputs["student_hidden"], w), teacher, config, labels=inputs["labels"])
+        out.loss_sum.backward()
+    assert weight.grad is None and weight.main_grad.dtype == torch.float32
+    assert torch.equal(weight.main_grad.bfloat16(), plain.grad)
+
+
+def test_frozen_head_weight_gets_no_gradient():
+    """LoRA students (LLM-Neo, KD-LoRA) freeze the output layer: only d hidden is computed, as unfused."""
+    inputs = make_head_inputs(seed=4)
+    config = KDLossConfig(**CASES["ce_kl_t2"], chunk_tokens=7)
+    ref_hidden = run_unfused(inputs, config)[1]
+    hidden = inputs["student_hidden"].clone().requires_grad_(True)
+    weight = inputs["student_weight"].clone()
+    out = fused_distillation_loss(HeadInputs(hidden, weight), HeadInputs(inputs["teacher_hidden"], inputs["teacher_weight"]),
+                                  config, labels=inputs["labels"], loss_mask=inputs["loss_mask"])
+    (out.loss_sum / out.num_tokens).backward()
+    assert weight.grad is None and rel_err(hidden.grad, ref_hidden) <= REL_TOL
+
+
+def test_an_output_layer_with_more_than_a_weight_is_refused():
+    """LoRA cannot target the output layer (peft.apply.TARGETS); if one ever did, or the head had a
+    bias, the fused path would drop that term: it refuses such a layer by name."""
+    from nemo_neo.distill.fused import hidden_states_head
+    from nemo_neo.errors import ConfigError
+    from nemo_neo.peft.apply import TARGETS
+
+    assert "output_layer" not in TARGETS
+    model = torch.nn.Module()
+    model.output_layer = torch.nn.Linear(4, 6, bias=False)
+    model.output_layer.lora_A = torch.nn.Parameter(torch.zeros(2, 4))
+    with pytest.raises(ConfigError, match=r"also has \['lora_A'\].*fused=false"):
+        with hidden_states_head(model):
+            pass
+    model.output_layer = torch.nn.Linear(4, 6, bias=True)
+    with pytest.raises(ConfigError, match=r"also has \['bias'\]"):
+        with hidden_states_head(model):
+            pass
+
+
 def test_no_logit_sized_tensor_exists():
     """bf16, 256 tokens x vocab 96: nothing of [tokens, vocab] size is ever allocated or saved."""
     tokens, vocab, chunk = 256, 96, 8
@@ -194,7 +278,30 @@ def assert_pair_fused_equals_unfused(results):
 
 
 def test_tp2_pair_fused_equals_unfused(tp2_run):
-    assert_pair_fused_equals_unfused(tp2_run[2])
+    results = dict(tp2_run[2])
+    assert not results.pop("sequence_parallel")
+    assert_pair_fused_equals_unfused(results)
+
+
+def test_tp2_sequence_parallel_fused_equals_unfused_and_tp1(ckpts):
+    """TP=2 with sequence parallelism: the head's input is all-gathered from the sequence shards and
+    its gradient split back; fused == unfused SP, and both == TP=1 (loss, every student gradient)."""
+    runs = {}
+    for name, nproc, flags in (("sp", 2, ["--tp", 2, "--sp"]), ("tp1", 1, ["--tp", 1])):
+        out = ckpts / name
+        out.mkdir()
+        torchrun(WORKER, nproc, "--out", out, *flags, "--teacher", ckpts / "teacher",
+                 "--pair", f"tied={ckpts / 'tied'}", f"untied={ckpts / 'untied'}")
+        runs[name] = torch.load(out / "pair.pt")
+    sp, tp1 = runs["sp"], runs["tp1"]
+    assert sp.pop("sequence_parallel") and not tp1.pop("sequence_parallel")
+    assert_pair_fused_equals_unfused(sp)
+    for key, ref in tp1.items():  # "name|kind|fused": both SP runs against the TP=1 unfused run
+        ref = tp1[key.replace("|True", "|False")]
+        assert rel_err(sp[key]["loss"], ref["loss"]) <= REL_TOL, key
+        assert sorted(sp[key]["grads"]) == sorted(ref["grads"]), key
+        for name, grad in ref["grads"].items():
+            assert rel_err(sp[key]["grads"][name], grad) <= REL_TOL, (key, name, rel_err(sp[key]["grads"][name], grad))
 
 
 def test_pp2_last_stage_fused_equals_unfused(ckpts):
@@ -205,6 +312,7 @@ def test_pp2_last_stage_fused_equals_unfused(ckpts):
     torchrun(WORKER, 2, "--out", out, "--pp", 2, "--teacher", ckpts / "teacher",
              "--pair", f"tied={ckpts / 'tied'}", f"untied={ckpts / 'untied'}")
     results = torch.load(out / "pair.pt")
+    results.pop("sequence_parallel")
     assert "embedding.word_embeddings.weight" in results["tied|forward_kl|True"]["grads"]
     assert_pair_fused_equals_unfused(results)
 
@@ -215,9 +323,11 @@ def test_pp2_last_stage_fused_equals_unfused(ckpts):
 
 
 @pytest.mark.parametrize("correction", [False, True], ids=["kd", "kd_with_teacher_correction"])
-def test_training_steps_fused_equal_unfused(ckpts, parallel_ctx, tmp_path, correction):
+def test_training_steps_fused_equal_unfused(ckpts, parallel_ctx, tmp_path, correction, monkeypatch):
     """Two Trainer steps (AdamW, clipping) of KD with the tied student, ce_kl: same losses and the
-    same updated weights; with teacher correction in parallel the teacher's updates agree too."""
+    same updated weights; with teacher correction in parallel the teacher's updates agree too.
+    Under the Trainer (megatron DDP), d W goes into main_grad in forward and is never recomputed."""
+    from nemo_neo.distill import fused as fused_module
     from nemo_neo.distill.objective import kd_with_correction_loss_fn
     from nemo_neo.recipes.distill import build_pair
     from nemo_neo.train.loop import TrainConfig, Trainer
@@ -226,6 +336,8 @@ def test_training_steps_fused_equal_unfused(ckpts, parallel_ctx, tmp_path, corre
     rows = torch.randint(0, 130, (4, 13), generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(steps=2, global_batch_size=4, micro_batch_size=2, save_every=100, eval_every=100,
                       optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0))
+    passes, head_pass = [], fused_module._head_pass
+    monkeypatch.setattr(fused_module, "_head_pass", lambda *a, **kw: passes.append(kw) or head_pass(*a, **kw))
     runs = {}
     for fused in (False, True):
         pair, arch = build_pair(parallel_ctx, ckpts / "tied", ckpts / "teacher", train_teacher=correction)
@@ -239,6 +351,9 @@ def test_training_steps_fused_equal_unfused(ckpts, parallel_ctx, tmp_path, corre
         history = trainer.fit()["history"]
         runs[fused] = history, {n: p.detach().clone() - before[n] for n, p in pair.named_parameters()}
     (off_hist, off_delta), (on_hist, on_delta) = runs[False], runs[True]
+    buffers = {p.main_grad.data_ptr() for p in pair.parameters() if hasattr(p, "main_grad")}  # the fused run's
+    assert passes and all("weight_scale" not in kw for kw in passes)  # no backward recompute
+    assert all(kw["grad_weight"].data_ptr() in buffers for kw in passes)  # d W went into DDP's main_grad
     for off, on in zip(off_hist, on_hist):
         assert on["loss"] == pytest.approx(off["loss"], rel=REL_TOL)
         if correction:

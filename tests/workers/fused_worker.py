@@ -1,6 +1,6 @@
 """torchrun worker: the fused KD loss (hidden states x vocab-parallel head weights) vs the unfused one.
 
-    torchrun --nproc_per_node 2 tests/workers/fused_worker.py --out O --tp T --pp P
+    torchrun --nproc_per_node 2 tests/workers/fused_worker.py --out O --tp T --pp P [--sp]
         [--tensors IN.pt] [--pair NAME=STUDENT_CKPT ...] --teacher T_CKPT
 
 --tensors: IN.pt (from tests/distill/test_distill_fused.py) holds full fp64 student/teacher hidden states and
@@ -11,7 +11,8 @@
 --pair: for each student checkpoint a DistillationPair with the teacher at this TP/PP runs the same
     micro-batches through megatron-core's schedule twice, unfused then fused (pair.fused), under
     megatron DDP; O/pair.pt gets {"name|kind|fused": {loss, grads (gathered, every student
-    parameter), teacher_grads (None if the teacher got none)}}.
+    parameter), teacher_grads (None if the teacher got none)}} and "sequence_parallel": whether the
+    student's output layer ran under SP (--sp, megatron's sequence parallelism at TP > 1).
 """
 
 import argparse
@@ -71,7 +72,7 @@ def pair_cases(args) -> dict:
     from nemo_neo.recipes.distill import build_pair
     from nemo_neo.train.schedule import run_microbatches, wrap_ddp
 
-    ctx = initialize(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp))
+    ctx = initialize(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, sequence_parallel=args.sp))
     tp_group = ctx.tp_group if ctx.tp_size > 1 else None
     results = {}
     for spec in args.pair:
@@ -79,6 +80,8 @@ def pair_cases(args) -> dict:
         pair, arch = build_pair(ctx, ckpt, args.teacher)
         pair.config.calculate_per_token_loss = True
         ddp = wrap_ddp(pair)
+        head = getattr(pair.student, "output_layer", None)  # None on a stage without the head
+        results["sequence_parallel"] = bool(getattr(head, "sequence_parallel", False))
         batches = random_batches(arch.vocab_size, 2)
         for kind, kwargs in PAIR_KINDS.items():
             for fused in (False, True):
@@ -100,9 +103,10 @@ def pair_cases(args) -> dict:
         del ddp, pair
     # the loss lives on the last stage: send it to rank 0 with everything else
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {k: v["loss"] for k, v in results.items()})
-    for key, value in results.items():
-        value["loss"] = next(g[key] for g in gathered if g[key] is not None)
+    losses = {k: v["loss"] for k, v in results.items() if isinstance(v, dict)}
+    dist.all_gather_object(gathered, losses)
+    for key in losses:
+        results[key]["loss"] = next(g[key] for g in gathered if g[key] is not None)
     return results
 
 
@@ -111,6 +115,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--sp", action="store_true", help="sequence parallelism (with --tp > 1)")
     p.add_argument("--tensors")
     p.add_argument("--pair", nargs="*", default=[])
     p.add_argument("--teacher")

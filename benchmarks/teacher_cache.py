@@ -10,6 +10,7 @@ subprocess so that its peak RSS is its own:
     kd / llm_neo          online: the teacher runs in the loop, full-vocab KL
     kd@K / llm_neo@K      from a cache of the teacher's top-K + tail written once (no teacher weights)
 
+  cpu:    median CPU seconds of the process per step (steps 2 .. N-1; with --threads 1 the work itself)
   time:   median wall-clock step time of the steps after the first (validation and saving excluded),
           and the fastest of them: on a shared machine other jobs only ever add time, so the ratio of
           the fastest steps is the one that estimates a quiet machine's
@@ -51,10 +52,22 @@ def worker(args) -> dict:
     from nemo_neo.parallel import initialize
     from nemo_neo.peft import LoRAConfig
     from nemo_neo.recipes import methods
+    from nemo_neo.train import loop
     from nemo_neo.train.loop import TrainConfig
 
     work = Path(args.work_dir)
     method_name, _, k = args.worker.partition("@")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # CPU seconds of this process per step (all its threads), from the start of one step's micro-batches
+    # to the next's: other jobs on a shared machine stretch wall time, much less the work a step does
+    step_starts, run_microbatches = [], loop.run_microbatches
+
+    def timed_microbatches(*a, **kw):
+        step_starts.append(time.process_time())
+        return run_microbatches(*a, **kw)
+
+    loop.run_microbatches = timed_microbatches
     ctx = initialize()
     rows, valid = torch.load(work / "rows.pt"), torch.load(work / "valid.pt")
     method = methods.MethodConfig(method=method_name, loss=KDLossConfig(kind="ce_kl" if method_name == "llm_neo" else "forward_kl",
@@ -67,7 +80,9 @@ def worker(args) -> dict:
                                        teacher_cache=work / f"cache{k}" if k else None)
     tokens = args.gbs * args.seq
     step_s = [tokens / h["tokens_per_s"] for h in result["history"]][1:]
-    return {"step_s": step_s, "peak": MemoryProbe("cpu").peak(), "val_loss": result["after"]["loss"],
+    # steps 2 .. N-1: the first warms up, the last one's successor is the validation
+    cpu_s = [b - a for a, b in zip(step_starts[1:], step_starts[2:])]
+    return {"step_s": step_s, "cpu_s": cpu_s, "peak": MemoryProbe("cpu").peak(), "val_loss": result["after"]["loss"],
             "val_kl": result["after"].get("kl")}
 
 
@@ -114,6 +129,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=4, help="steps per run; the first is not timed")
     p.add_argument("--ks", default="8,32,100")
     p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default); 1 makes "
+                   "the CPU-time column free of thread spin-waits")
     p.add_argument("--runs", default=None, help="comma-separated subset of kd,llm_neo,kd@K,llm_neo@K (default: all)")
     p.add_argument("--out", default=None)
     p.add_argument("--work-dir", default=None)
@@ -131,13 +148,14 @@ def main(argv=None):
         names = args.runs.split(",") if args.runs else ["kd", "llm_neo", f"kd@{k_mid}", *(f"llm_neo@{k}" for k in args.ks)]
         for name in names:
             cmd = [sys.executable, __file__, "--worker", name, "--work-dir", args.work_dir, "--seq", str(args.seq),
-                   "--gbs", str(args.gbs), "--mbs", str(args.mbs), "--steps", str(args.steps), "--rank", str(args.rank)]
+                   "--threads", str(args.threads), "--gbs", str(args.gbs), "--mbs", str(args.mbs), "--steps", str(args.steps), "--rank", str(args.rank)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not lines:
                 raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
             r = json.loads(lines[-1].removeprefix("RESULT "))
             runs[name] = {"step_s": round(statistics.median(r["step_s"]), 3), "step_s_min": round(min(r["step_s"]), 3),
+                          "cpu_s": round(statistics.median(r["cpu_s"]), 3) if r["cpu_s"] else None,
                           "peak_gib": round(r["peak"] / 2**30, 3),
                           "val_loss": round(r["val_loss"], 4), "val_kl": r["val_kl"] and round(r["val_kl"], 4),
                           "step_s_all": [round(s, 3) for s in r["step_s"]],
@@ -147,6 +165,8 @@ def main(argv=None):
     for row in runs.values():
         row["time_vs_online_kd"] = round(row["step_s"] / base["step_s"], 3)
         row["fastest_step_vs_online_kd"] = round(row["step_s_min"] / base["step_s_min"], 3)
+        if row["cpu_s"] and base["cpu_s"]:
+            row["cpu_time_vs_online_kd"] = round(row["cpu_s"] / base["cpu_s"], 3)
         row["peak_vs_online_kd"] = round(row["peak_gib"] / base["peak_gib"], 3)
     from nemo_neo.recipes.throughput import machine
 

@@ -140,7 +140,8 @@ MUTATIONS = [
     Mutation("unshard_swiglu_plain", "nemo_neo/checkpoint/sharding.py",
              "return torch.cat(list(gates) + list(ups), dim=0)", "return torch.cat(shards, dim=0)", PARALLEL,
              "fc1 halves interleaved on save"),
-    Mutation("pp_layer_offset_zero", "nemo_neo/checkpoint/sharding.py", "return pp_rank * (num_layers // pp)", "return 0",
+    Mutation("pp_layer_offset_zero", "nemo_neo/parallel/chunks.py",
+             "return ((vp_stage or 0) * ctx.pp_size + ctx.pp_rank) * per_chunk", "return 0",
              PARALLEL, "every stage loads the first layers"),
     # --- DP sampler, LR schedule, atomicity, resume ------------------------------------------------
     Mutation("sampler_same_shuffle_every_epoch", "nemo_neo/data/dataset.py",

@@ -245,7 +245,7 @@ def load_into_model(ckpt, model, arch: GPTArch, ctx: ParallelContext) -> dict:
 
 
 def _load_chunk(reader: _Reader, index: dict, model: torch.nn.Module, arch: GPTArch, ctx: ParallelContext) -> None:
-    offset = chunks.chunk_layer_offset(arch.num_layers, ctx, getattr(model, "vp_stage", None))
+    offset = chunks.layer_offset(model, ctx, arch.num_layers)
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name.endswith("_extra_state") or tensor is None:

@@ -73,10 +73,6 @@ def is_adapter(name: str) -> bool:
     return ".lora_" in name
 
 
-def layer_offset(num_layers: int, pp_rank: int, pp: int) -> int:
-    return pp_rank * (num_layers // pp)
-
-
 def to_global(local_name: str, offset: int) -> str:
     m = LAYER_NAME.match(local_name)
     return f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m else local_name

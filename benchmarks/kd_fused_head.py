@@ -13,11 +13,12 @@ of the student hidden states and weight, for forward KL (T = 1), the Minitron de
                per sequence chunk, as its KD recipe does (loaded standalone from the wheel's
                torchtune/modules/loss/kd_losses.py: `pip download --no-deps torchtune==0.6.1 -d DIR`)
 
-Settings (--settings): "plain" -- the student weight's gradient ends in `.grad`; "megatron" -- as
-under megatron-core's DistributedDataParallel (how nemo_neo trains): the weight has an fp32
-`main_grad` (allocated before the measurement, like DDP's grad buffer) and a hook that adds `.grad`
-into it and frees `.grad`, so every implementation's weight gradient ends in main_grad (the fused
-loss accumulates into it directly, see nemo_neo.distill.fused._main_grad).
+Settings (--settings): "plain" -- the student weight's gradient ends in `.grad`, the loss is the
+token mean; "megatron" -- as under megatron-core's DistributedDataParallel (how nemo_neo trains):
+the weight has an fp32 `main_grad` (allocated before the measurement, like DDP's grad buffer) and a
+hook that adds `.grad` into it and frees `.grad`, so every implementation's weight gradient ends in
+main_grad (the fused loss accumulates into it directly, see nemo_neo.distill.fused._main_grad), and
+the loss back-propagated is the token SUM, as megatron's calculate_per_token_loss does (`_runner`).
 
 --dtype (default fp32): the dtype of hidden states, weights and logits; the loss math is fp32 in
 every implementation. bf16 is what training uses, but on a CPU without AVX-512 bf16 / AMX, torch
@@ -62,7 +63,7 @@ from kd_loss_memory import _median, _profiler_peak  # noqa: E402
 # estimated peak growth per student logit (tokens x vocab) beyond the weight gradient: bf16 from the
 # 2026-12-01 measurement (+ margin); fp32 from the 2026-12-04 one (BENCHMARKS.md, + margin)
 BYTES_PER_LOGIT = {"bf16": {"naive": 26, "torchtune": 16, "ours": 8, "fused": 0},
-                   "fp32": {"naive": 30, "torchtune": 22, "ours": 13, "fused": 0}}
+                   "fp32": {"naive": 20, "torchtune": 18, "ours": 12, "fused": 0}}
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -151,7 +152,14 @@ def _torchtune_loss(directory):
     return module.ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
 
 
-def _runner(impl, torchtune_dir):
+def _runner(impl, torchtune_dir, loss_sum=False):
+    """forward + backward of `impl`; with `loss_sum` the loss is the sum over tokens, not the mean.
+
+    Under megatron (calculate_per_token_loss, how nemo_neo trains: train.loop) the schedule
+    back-propagates the loss SUM with grad_output 1 and divides the gradients by the global token
+    count later; the fused loss relies on that to add d W to main_grad in forward. A mean would
+    send grad_output 1 / tokens, for which it must recompute the chunks in backward (exact, but a
+    second pass over the heads): the "megatron" setting therefore measures the sum."""
     import torch
     import torch.nn.functional as F
 
@@ -164,7 +172,7 @@ def _runner(impl, torchtune_dir):
 
         def loss(sh, sw, th, tw):
             out = fused_distillation_loss(HeadInputs(sh, sw), HeadInputs(th, tw), config)
-            return out.loss_sum / out.num_tokens
+            return out.loss_sum if loss_sum else out.loss_sum / out.num_tokens
     elif name == "ours":
         config = KDLossConfig(kind="forward_kl")
 
@@ -172,14 +180,14 @@ def _runner(impl, torchtune_dir):
             with torch.no_grad():
                 teacher = th @ tw.t()
             out = distillation_loss(sh @ sw.t(), teacher, config)
-            return out.loss_sum / out.num_tokens
+            return out.loss_sum if loss_sum else out.loss_sum / out.num_tokens
     elif name == "naive":
 
         def loss(sh, sw, th, tw):
             with torch.no_grad():
                 log_p = F.log_softmax((th @ tw.t()).float(), dim=-1)
             log_q = F.log_softmax((sh @ sw.t()).float(), dim=-1)
-            return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+            return F.kl_div(log_q, log_p, log_target=True, reduction="sum" if loss_sum else "batchmean")
     elif name == "torchtune":
         peer = _torchtune_loss(torchtune_dir)
 
@@ -189,7 +197,7 @@ def _runner(impl, torchtune_dir):
                 teacher = [(c @ tw.t()).unsqueeze(0) for c in th.chunk(n)]
             student = [(c @ sw.t()).unsqueeze(0) for c in sh.chunk(n)]
             labels = torch.zeros(1, sh.shape[0], dtype=torch.long)  # no ignored token: all counted
-            return peer(student, teacher, labels)
+            return peer(student, teacher, labels) * (sh.shape[0] if loss_sum else 1)  # its API: a mean
     else:
         raise SystemExit(f"error: unknown implementation {impl!r}")
 
@@ -202,6 +210,7 @@ def _runner(impl, torchtune_dir):
 
 def worker(args) -> dict:
     tokens, vocab, hidden = map(int, args.case.split("x"))
+    megatron = args.setting == "megatron"
 
     def inputs_for(*size):
         s_hidden, s_weight, t_hidden, t_weight = _inputs(*size, args.dtype, args.share_teacher_weight)
@@ -210,14 +219,14 @@ def worker(args) -> dict:
         return s_hidden, s_weight, t_hidden, t_weight
 
     if args.worker == "memory":
-        call = _runner(args.impl, args.torchtune_dir)
+        call = _runner(args.impl, args.torchtune_dir, megatron)
         call(*inputs_for(64, 512, 32))  # warm-up: library initialisation outside the measurement
         inputs = inputs_for(tokens, vocab, hidden)
         start = time.perf_counter()
         peak = _profiler_peak(lambda: call(*inputs))
         return {"peak_bytes": peak, "seconds": time.perf_counter() - start}
     impls = args.impls.split(",")
-    calls = {impl: _runner(impl, args.torchtune_dir) for impl in impls}
+    calls = {impl: _runner(impl, args.torchtune_dir, megatron) for impl in impls}
     inputs = inputs_for(tokens, vocab, hidden)
     for call in calls.values():
         call(*inputs)

@@ -61,7 +61,7 @@ enable_compat()  # an entry point: switch on what megatron-core needs here (nemo
 from kd_loss_memory import _median, _profiler_peak  # noqa: E402
 
 # estimated peak growth per student logit (tokens x vocab) beyond the weight gradient: bf16 from the
-# 2026-12-01 measurement (+ margin); fp32 from the 2026-12-04 one (BENCHMARKS.md, + margin)
+# 2026-12-01 measurement (+ margin); fp32 from the 2026-12-03 fp32 one (BENCHMARKS.md, + margin)
 BYTES_PER_LOGIT = {"bf16": {"naive": 26, "torchtune": 16, "ours": 8, "fused": 0},
                    "fp32": {"naive": 20, "torchtune": 18, "ours": 12, "fused": 0}}
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
